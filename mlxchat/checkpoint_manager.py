@@ -151,7 +151,6 @@ def load_torch_file(path):
 # -----------------------------------------------------------------------------
 # mlxchat's own format: safetensors for arrays, JSON for everything else, every file written atomically
 
-import glob
 import json
 import logging
 import os
@@ -159,6 +158,7 @@ import re
 import shutil
 
 from mlxchat.common import atomic_write_text, get_base_dir, _fsync_dir
+from mlxchat.common import barrier, broadcast_tree, get_dist_info, print0, ranks_disagree
 
 log = logging.getLogger(__name__)
 
@@ -246,11 +246,7 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     The meta file is written last: a step counts as saved only once its meta exists, so a crash
     mid-save leaves the previous checkpoint as the latest."""
     os.makedirs(checkpoint_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(checkpoint_dir, "*.tmp*")):
-        try:
-            os.unlink(stale)  # leftovers of a save that was killed
-        except OSError:
-            pass
+    _sweep_stale_temp_files(checkpoint_dir)
     if rank == 0:
         save_arrays(_model_path(checkpoint_dir, step), dict(model_data))
         log.info(f"saved model to {_model_path(checkpoint_dir, step)}")
@@ -259,6 +255,63 @@ def save_checkpoint(checkpoint_dir, step, model_data, optimizer_data, meta_data,
     _fault_injection_pause(checkpoint_dir, step)
     if rank == 0:
         atomic_write_text(_meta_path(checkpoint_dir, step), json.dumps(meta_data, indent=2, default=_json_default))
+
+
+def save_training_checkpoint(checkpoint_dir, step, model, optimizer, meta_data, **optimizer_extra):
+    """A training script's checkpoint (base_train, chat_sft), in one process or on every rank of a
+    data-parallel run (call it on all ranks). The model, the optimizer state plus `optimizer_extra`
+    (e.g. the data loader's state) and the meta. With several ranks, every rank writes its own
+    optimizer file, then rank 0 writes the model and, last, the meta that commits the step, so a
+    committed step always has every rank's file."""
+    rank, world_size, _ = get_dist_info()
+    if world_size > 1 and ranks_disagree({"model": model.parameters(), "optimizer": optimizer.state},
+                                         label=f"step {step:05d}: checkpoint (comparing the ranks' weights)"):
+        # every rank applies the same update to the same averaged gradient, but Macs with different
+        # chips may round some kernels differently: rank 0's copy wins, so the ranks never drift apart
+        print0(f"step {step:05d}: the ranks' weights had drifted apart (different chips round differently); "
+               f"resynchronized them to rank 0's")
+        model.update(broadcast_tree(model.parameters(), label="resynchronizing the weights"))
+        optimizer.state.update(broadcast_tree(optimizer.state, label="resynchronizing the optimizer state"))
+    opt_tensors, opt_meta = optimizer.state_dict()
+    optimizer_data = {"optimizer": {"tensors": opt_tensors, "meta": opt_meta}, **optimizer_extra}
+    if rank != 0:
+        save_arrays(_optim_path(checkpoint_dir, step, rank), optimizer_data)
+    barrier(f"step {step:05d}: checkpoint (every rank's optimizer file)")
+    if rank == 0:
+        save_checkpoint(checkpoint_dir, step, model.named_parameters(), optimizer_data, meta_data, rank=0)
+
+
+# save_arrays' temporary name: <final name>.tmp<writer pid>.safetensors
+_TEMP_FILE_RE = re.compile(r".+\.tmp(\d+)\.safetensors")
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, only whether the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # PermissionError: it runs, as another user (and on any other error, assume it runs: the safe side)
+    return True
+
+
+def _sweep_stale_temp_files(checkpoint_dir):
+    """Delete the temporary files of saves that were killed (kill -9, a crash) before their rename.
+    Another process may be saving into the same folder right now (a second run with the same tag,
+    another rank on this machine), so a file goes only when its name carries this process's pid or
+    a pid that no longer runs. atomic_write's temp files (the meta) carry no pid, so they are never
+    swept: their owner cannot be told, and atomic_write removes its own on any error it survives."""
+    for name in os.listdir(checkpoint_dir):
+        match = _TEMP_FILE_RE.fullmatch(name)
+        if not match:
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and (pid <= 0 or _pid_alive(pid)):
+            continue  # another live process's save in flight (pid <= 0: not a pid we could have written)
+        try:
+            os.unlink(os.path.join(checkpoint_dir, name))
+        except OSError:
+            pass
 
 
 def _fault_injection_pause(checkpoint_dir, step):

@@ -240,6 +240,19 @@ class DummyWandb:
         pass
 
 
+def init_wandb(project, run, config, master_process=True):
+    """The wandb run that a training script logs to: a real one on rank 0 when `run` is a name, else
+    (--run dummy, another rank, wandb not installed) a DummyWandb, so the script logs unconditionally."""
+    if run == "dummy" or not master_process:
+        return DummyWandb()
+    try:
+        import wandb
+        return wandb.init(project=project, name=run, config=config)
+    except ImportError:
+        print0("wandb is not installed: logging to the console only")
+        return DummyWandb()
+
+
 # -----------------------------------------------------------------------------
 # distributed: data parallel across processes (several Macs, or several processes on one machine)
 #
@@ -260,6 +273,7 @@ class DummyWandb:
 
 import contextlib
 import json
+import signal
 import subprocess
 import threading
 import time
@@ -580,3 +594,69 @@ def check_same_on_all_ranks(value, what, group=None):
     if odd:
         raise SystemExit(f"mlxchat: {what} differs between rank 0 and rank(s) {odd}: every Mac must use the same "
                          f"files (copy them from rank 0's machine)")
+
+
+# -----------------------------------------------------------------------------
+# what base_train and chat_sft do alike around their training loops, distributed or not
+
+def add_dist_args(parser):
+    """The data-parallel flags (start every rank with mlx.launch; see runs/multi_mac.sh)."""
+    parser.add_argument("--dist-backend", default="any", help="mx.distributed backend under mlx.launch: any (what the launcher set up) | ring | jaccl | mpi | nccl")
+    parser.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT,
+                        help="seconds to wait for the other ranks (to join, or in a collective) before exiting with an error")
+
+
+def launched_argv(argv=None):
+    """The script's arguments (default sys.argv[1:]) without the "--" that mlx.launch needs in front of
+    them: `mlx.launch ... --python python -m scripts.base_train -- --depth 12`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def dist_beating(batches):
+    """The batches as they come, each one reported to the watchdog as progress (a long val eval is
+    one wait for the other ranks, which must not time out while every rank is busy)."""
+    for batch in batches:
+        dist_beat()
+        yield batch
+
+
+class StopOnCtrlC:
+    """While in the `with` block, Ctrl-C asks for a clean stop instead of killing the run: the first
+    press sets `requested` (the loop finishes its step, saves a checkpoint and exits), a second one
+    raises KeyboardInterrupt (exit without saving). The caller's handler is put back on exit.
+    A Ctrl-C may reach only some of the ranks: `agreed` is whether any rank saw one, as of the last
+    step (see all_reduce_step), so `now`, what a loop checks, makes every rank stop after the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self.agreed = False
+
+    def _on_sigint(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print0("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (press again to abort without saving)")
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
+    @property
+    def now(self):
+        return self.requested if _dist["world_size"] == 1 else self.agreed
+
+
+def all_reduce_step(loss, mean_loss, stop, step):
+    """After each optimizer step (number `step`) of a data-parallel run, one tiny all-reduce: the losses
+    averaged over ranks (what every rank logs), and whether any rank saw a Ctrl-C (into stop.agreed),
+    so that all of them stop after the same step. Single process: (loss, mean_loss) as they are."""
+    world_size = _dist["world_size"]
+    if world_size == 1:
+        return loss, mean_loss
+    loss, mean_loss, stops = all_reduce_floats([loss, mean_loss, float(stop.requested)], label=f"step {step:05d}: loss all-reduce")
+    stop.agreed = stops > 0
+    return loss / world_size, mean_loss / world_size

@@ -17,7 +17,6 @@ matmul; wte and value embeddings are stored in the compute dtype (bf16 on GPU ba
 """
 import math
 from dataclasses import dataclass, asdict
-from functools import lru_cache
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -62,26 +61,17 @@ def has_ve(layer_idx, n_layer):
 def apply_rotary_emb(x, cos, sin):
     # x: (B, T, H, D). Half-split layout with nanochat's sign convention (rotation by -theta):
     # mx.fast.rope(traditional=False) rotates the other way, which breaks nanochat weights.
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
+    # split, not two slices: the backward of a split is one concatenate, that of each slice a
+    # zero-filled full-size array plus an add
+    x1, x2 = mx.split(x, 2, axis=-1)
     y1 = x1 * cos + x2 * sin
     y2 = x2 * cos - x1 * sin
     return mx.concatenate([y1, y2], axis=-1)
 
 
-@lru_cache(maxsize=64)
-def _window_mask(t_q, t_k, offset, window):
-    """Boolean (t_q, t_k) mask: query at absolute position i = offset + q attends key j iff
-    i - window <= j <= i (window+1 keys, flash-attention's (left, 0) semantics)."""
-    qpos = mx.arange(offset, offset + t_q)[:, None]
-    kpos = mx.arange(t_k)[None, :]
-    mask = (kpos <= qpos) & (kpos >= qpos - window)
-    mx.eval(mask)
-    return mask
-
-
-def attention_mask(t_q, t_k, offset, window):
-    """What to hand mx.fast.scaled_dot_product_attention for this query block."""
+def attention_mask(t_q, t_k, offset, window, dtype):
+    """What to hand mx.fast.scaled_dot_product_attention for t_q queries starting at absolute
+    position `offset` against the first t_k keys of the cache: None, "causal" or an array."""
     if isinstance(offset, mx.array):
         # a traced position (the engine's compiled decode step attends over a fixed-size span of
         # its cache): mask by value, which also hides the not yet written tail of the span
@@ -93,7 +83,24 @@ def attention_mask(t_q, t_k, offset, window):
         if t_q == 1:
             return None
         return "causal"
-    return _window_mask(t_q, t_k, offset, window)
+    return kernels.additive_window_mask(t_q, t_k, offset, window, dtype)
+
+
+def relu_squared(x):
+    return _relu_squared(x)
+
+
+@mx.custom_function
+def _relu_squared(x):
+    return mx.square(mx.maximum(x, 0))
+
+
+@_relu_squared.vjp
+def _relu_squared_vjp(x, cotangent, output):
+    # d/dx relu(x)^2 = 2 relu(x). Autodiff of square(maximum(x, 0)) would keep relu(x), a third
+    # (B, T, 4C) array beside x and the output, alive for the backward; this keeps only x.
+    # (A one-argument custom function gets its primal and cotangent as bare arrays.)
+    return cotangent * (2 * mx.maximum(x, 0))
 
 
 class Linear(nn.Linear):
@@ -124,31 +131,45 @@ class CausalSelfAttention(nn.Module):
         if has_ve(layer_idx, config.n_layer):
             self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head)
 
-    def __call__(self, x, ve, cos, sin, window, kv_cache=None):
+    def __call__(self, x, ve, cos, sin, window, kv_cache=None, masks=None):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        q = self.c_q(x).reshape(B, T, H, D)
-        k = self.c_k(x).reshape(B, T, Hkv, D)
-        v = self.c_v(x).reshape(B, T, Hkv, D)
+        if all(type(m) is Linear for m in (self.c_q, self.c_k, self.c_v)):
+            # one matmul for q, k and v, and one rotary + one norm for q and k together: the same
+            # math as three projections, in a third of the kernels (a decode step is launch-bound)
+            # and one backward matmul for dx instead of three plus two adds
+            w = mx.concatenate([self.c_q.weight, self.c_k.weight, self.c_v.weight]).astype(x.dtype)
+            qk, v = mx.split(x @ w.T, [(H + Hkv) * D], axis=-1)  # (split: see apply_rotary_emb)
+            qk, v = qk.reshape(B, T, H + Hkv, D), v.reshape(B, T, Hkv, D)
+        else:  # quantized projections (inference)
+            qk = mx.concatenate([self.c_q(x).reshape(B, T, H, D), self.c_k(x).reshape(B, T, Hkv, D)], axis=2)
+            v = self.c_v(x).reshape(B, T, Hkv, D)
         if ve is not None:
             # value residual: mix the token's value embedding into v, gated per kv head, gate in (0, 3)
             ve = ve.reshape(B, T, Hkv, D)
             gate = 3 * mx.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate[..., None] * ve
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
-        q, k = norm(q) * 1.2, norm(k) * 1.2  # QK norm, then "sharper attention"
+        qk = norm(apply_rotary_emb(qk, cos, sin)) * 1.2  # QK norm (per head), then "sharper attention"
         # MLX's attention wants (B, heads, T, D)
-        q, k, v = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        qk, v = qk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        q, k = mx.split(qk, [H], axis=1)
         offset = 0
         if kv_cache is not None:
             offset = kv_cache.get_pos()
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        if kv_cache is None and kernels.attention_impl(B, H, T, D, q.dtype, window) == "blockwise":
+        impl = kernels.attention_impl(B, H, T, D, q.dtype, window) if kv_cache is None else "sdpa"
+        if impl == "blockwise":
             # training (and cache-free) forward: a backward that keeps nothing (B, H, T, T) (kernels.py)
             y = kernels.attention(q, k, v, window)
+        elif impl == "banded":
+            y = kernels.banded_attention(q, k, v, window)
         else:
-            mask = attention_mask(T, k.shape[2], offset, window)
-            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(D), mask=mask)
+            # one mask per window size per forward (masks: shared by the layers of this forward)
+            masks = {} if masks is None else masks
+            key = (window, k.shape[2])
+            if key not in masks:
+                masks[key] = attention_mask(T, k.shape[2], offset, window, q.dtype)
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(D), mask=masks[key])
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -160,9 +181,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def __call__(self, x):
-        x = self.c_fc(x)
-        x = mx.square(nn.relu(x))
-        return self.c_proj(x)
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -171,8 +190,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def __call__(self, x, ve, cos, sin, window, kv_cache=None):
-        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
+    def __call__(self, x, ve, cos, sin, window, kv_cache=None, masks=None):
+        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache, masks)
         x = x + self.mlp(norm(x))
         return x
 
@@ -390,15 +409,18 @@ class GPT(nn.Module):
 
         x0 = x
         x_backout = None
+        masks = {}
+        # cast the fp32 scalars: MLX would promote a bf16 stream to fp32 (PyTorch's 0-dim rule doesn't).
+        # Slices [i:i+1], not [i]: an integer index is a gather kernel (and a scatter in the backward).
+        resid_l, x0_l = self.resid_lambdas.astype(x.dtype), self.x0_lambdas.astype(x.dtype)
         for i, block in enumerate(self.transformer["h"]):
-            # cast the fp32 scalars: MLX would promote a bf16 stream to fp32 (PyTorch's 0-dim rule doesn't)
-            x = self.resid_lambdas[i].astype(x.dtype) * x + self.x0_lambdas[i].astype(x.dtype) * x0
+            x = resid_l[i:i + 1] * x + x0_l[i:i + 1] * x0
             ve = self.value_embeds[str(i)](idx).astype(x.dtype) if str(i) in self.value_embeds else None
             if self.grad_checkpoint and kv_cache is None:
                 # recompute the block in the backward pass instead of keeping its activations
                 x = nn.utils.checkpoint(block)(x, ve, cos, sin, self.window_sizes[i], None)
             else:
-                x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
+                x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache, masks)
             if i == L // 2:
                 x_backout = x
         if kv_cache is not None:

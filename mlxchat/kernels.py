@@ -159,28 +159,97 @@ ATTN_BLOCK_BYTES = 256 * 2 ** 20
 
 def attention_impl(B, H, T, D, dtype, window, requested=None):
     """Which attention a training forward (no KV cache) uses: 'sdpa' (mx.fast.scaled_dot_product_attention
-    with MLX's own VJP) or 'blockwise' (attention() below). MLXCHAT_ATTENTION=sdpa|blockwise forces one.
+    with MLX's own VJP; a sliding window goes in as a (T, T) additive mask), 'banded' (banded_attention()
+    below: the same kernel on the window's diagonal band only) or 'blockwise' (attention() below).
+    MLXCHAT_ATTENTION=sdpa|banded|blockwise forces one.
 
-    The rule, from MLX 0.32's sources (mlx/fast.cpp, backend/{metal,cuda}/scaled_dot_product_attention.cpp):
+    The rule, from MLX 0.32's sources (mlx/fast.cpp, backend/{metal,cuda}/scaled_dot_product_attention.cpp)
+    and measurements:
     - Metal and CPU: blockwise. MLX's attention VJP there is always the unfused fallback, which keeps
       the (B, H, T, T) probabilities of every layer for the backward.
-    - CUDA: sdpa for a full causal layer (the "causal" string mask) when T % 128 == 0, the dtype is
-      bf16/fp16 and D <= 128 with D % 8 == 0: then the cuDNN flash forward saves only the output and
-      its logsumexp and the cuDNN backward is fused. Blockwise otherwise: a sliding window needs an
-      array mask, which MLX turns into a dense (B, H, T, T) additive bias that is kept for the
-      backward; T % 128 != 0 or fp32 take the unfused VJP.
-    Measured on an H100 (MLX CUDA, bf16, d12, micro-batch 16 x 2048, SSSL, chunked CE;
-    `MLXCHAT_ATTENTION=... python -m scripts.bench_train --depth 12 --device-batch-size 16`):
-    sdpa everywhere 227,083 tok/s, peak 29.9 GiB; blockwise on the windowed layers (the rule above)
-    159,795 tok/s, 29.3 GiB; blockwise everywhere 139,214 tok/s, 29.3 GiB. The windowed layers'
-    array mask costs almost no memory on CUDA, so on CUDA sdpa is used for every layer."""
+    - CUDA: the cuDNN flash forward and backward for bf16/fp16 with D <= 128, D % 8 == 0, fed a
+      causal mask ("causal") or an additive bias. cuDNN as MLX calls it has no sliding-window option:
+      with a (T, T) bias it computes every one of the T x T scores. A window layer whose window
+      divides T therefore runs 'banded' (causal on the first window of queries, then each later
+      window of queries against its two windows of keys: 40% of the scores at T = 2048, window 512);
+      a full-context layer and any other window run 'sdpa'.
+    Measured on an H100 (MLX CUDA, bf16, 16 x 2048 x 6 heads x 128, forward + backward of one layer;
+    `python -m scripts.bench_profile --what attn --mask ...`): causal 1.9-2.2 ms; window 512 as a
+    boolean mask 4.4 ms and 2.1 GiB (MLX turns it into a (B, H, T, T) additive array), as a (T, T)
+    bf16 additive mask 3.0-3.3 ms and 0.6 GiB, banded 2.7 ms (GPU busy 2.3 vs 2.7 ms). In the d12
+    training step (`bench_train --depth 12 --device-batch-size 16`): additive mask 220,480 tok/s,
+    a first banded version (one call per chunk, sliced keys) 231,847."""
     requested = requested or os.environ.get("MLXCHAT_ATTENTION", "auto").strip().lower() or "auto"
-    assert requested in ("auto", "sdpa", "blockwise"), f"MLXCHAT_ATTENTION={requested!r}: expected auto, sdpa or blockwise"
+    assert requested in ("auto", "sdpa", "banded", "blockwise"), \
+        f"MLXCHAT_ATTENTION={requested!r}: expected auto, sdpa, banded or blockwise"
+    if requested == "banded" and not banded_supported(T, window):
+        requested = "sdpa"
     if requested != "auto":
         return requested
     if gpu_kind() == "cuda":
-        return "sdpa"  # measured: as lean as blockwise there, and 42% faster (see above)
+        return "banded" if banded_supported(T, window) else "sdpa"
     return "blockwise"
+
+
+@lru_cache(maxsize=64)
+def additive_window_mask(t_q, t_k, offset, window, dtype):
+    """(t_q, t_k) additive mask (0 where query offset+q may see key k, -inf elsewhere) in the
+    attention's dtype: query i sees keys i-window..i (window+1 keys, flash-attention's (left, 0)).
+    Additive and (t_q, t_k), not boolean: MLX turns a boolean mask into an additive array of the full
+    (B, H, t_q, t_k) shape inside every call, and keeps it for the backward."""
+    qpos = mx.arange(offset, offset + t_q)[:, None]
+    kpos = mx.arange(t_k)[None, :]
+    mask = mx.where((kpos <= qpos) & (kpos >= qpos - window), 0.0, -mx.inf).astype(dtype)
+    mx.eval(mask)
+    return mask
+
+
+def banded_supported(T, window):
+    return 0 < window < T and T % window == 0
+
+
+@lru_cache(maxsize=16)
+def _banded_mask(B, n, W, dtype):
+    """(B*n, 1, W, 2W) additive mask of banded_attention's chunks: query r of a chunk (absolute
+    j*W + r) sees key c of its 2W keys (absolute (j-1)*W + c) iff r <= c <= r + W; the first chunk
+    of each row has no previous keys (its first W are padding, masked)."""
+    band = additive_window_mask(W, 2 * W, W, W, dtype)
+    first = mx.concatenate([mx.full((W, W), -mx.inf, dtype=dtype), band[:, W:]], axis=1)
+    per_chunk = mx.concatenate([first[None], mx.broadcast_to(band, (n - 1, W, 2 * W))], axis=0)
+    mask = mx.broadcast_to(per_chunk[None], (B, n, W, 2 * W)).reshape(B * n, 1, W, 2 * W)
+    mx.eval(mask)
+    return mask
+
+
+def banded_attention(q, k, v, window):
+    """Sliding-window causal attention (query i sees keys i-W..i) as ONE fused attention call on the
+    diagonal band: the sequence is cut into n = T/W chunks of W queries, which become batch entries,
+    and each chunk attends to 2W keys (the previous chunk's and its own) under a band mask. 2W/T of
+    the T x T scores are computed (50% at T = 2048, W = 512) instead of all of them.
+    Chunking is a reshape of the (B, T, heads, D) memory, not a copy, for q and the output; keys and
+    values are copied once into their overlapping 2W windows. MLX's own VJP (the fused backward on
+    CUDA) differentiates it. q (B, H, T, D), k, v (B, Hkv, T, D) -> (B, H, T, D); T a multiple of W."""
+    B, H, T, D = q.shape
+    W = int(window)
+    assert banded_supported(T, W), (T, W)
+    n = T // W
+
+    def chunked(x):  # (B, h, T, D) -> (B, n, W, h, D)
+        return x.transpose(0, 2, 1, 3).reshape(B, n, W, x.shape[1], D)
+
+    def batch_major(x):  # (B, n, t, h, D) -> (B*n, h, t, D)
+        return x.transpose(0, 1, 3, 2, 4).reshape(B * n, x.shape[3], x.shape[2], D)
+
+    def with_previous(x):  # keys/values: each chunk preceded by the previous chunk (zeros for the first)
+        c = chunked(x)
+        before, _ = mx.split(c, [n - 1], axis=1)
+        prev = mx.concatenate([mx.zeros((B, 1) + c.shape[2:], dtype=c.dtype), before], axis=1)
+        return batch_major(mx.concatenate([prev, c], axis=2))
+
+    y = mx.fast.scaled_dot_product_attention(batch_major(chunked(q)), with_previous(k), with_previous(v),
+                                             scale=1.0 / math.sqrt(D), mask=_banded_mask(B, n, W, q.dtype))
+    # (B*n, H, W, D) -> (B, T, H, D) memory, returned as the (B, H, T, D) view the callers expect
+    return y.reshape(B, n, H, W, D).transpose(0, 1, 3, 2, 4).reshape(B, T, H, D).transpose(0, 2, 1, 3)
 
 
 def attention_block_size(B, H, T):

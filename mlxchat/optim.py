@@ -177,8 +177,11 @@ def make_update_fn(layout, ortho_dtype):
     def update(params, grads, state, hyper):
         new_params = dict(params)
         new_state = {"adamw": {}, "muon": {}}
+        # every scalar of `hyper` as a 0-d view: split, not hyper[gi][i], which is one gather kernel per
+        # scalar (and unstacking with P[i] one per matrix): ~130 launches a step at d12
+        rows = [[c.reshape(()) for c in mx.split(r, HYPER_WIDTH, axis=1)] for r in mx.split(hyper, len(layout), axis=0)]
         for gi, (kind, names, ns_steps, key) in enumerate(layout):
-            h = hyper[gi]
+            h = rows[gi]
             if kind == "adamw":
                 lr, beta1, beta2, eps, wd = (h[i] for i in range(len(ADAMW_HYPER)))
                 for name in names:
@@ -195,8 +198,8 @@ def make_update_fn(layout, ortho_dtype):
                 G = mx.stack([grads[n] for n in names]).astype(mx.float32)
                 P, M, S = muon_update(P, G, s["momentum_buffer"], s["second_momentum_buffer"],
                                       lr, momentum, beta2, wd, ns_steps, ortho_dtype)
-                for i, n in enumerate(names):
-                    new_params[n] = P[i].astype(params[n].dtype)
+                for n, p in zip(names, mx.split(P, len(names), axis=0)):
+                    new_params[n] = p.reshape(p.shape[1:]).astype(params[n].dtype)
                 new_state["muon"][key] = {"momentum_buffer": M, "second_momentum_buffer": S}
         return new_params, new_state
     return update

@@ -26,16 +26,7 @@ from mlxchat.core_eval import EvalBundleError, dist_info, evaluate_core
 from mlxchat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from mlxchat.engine import Engine
 from mlxchat.loss_eval import evaluate_bpb
-
-SAMPLE_PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
+from scripts.base_train import SAMPLE_PROMPTS  # the prompts training samples, so the two can be compared
 
 
 def load(args):

@@ -19,7 +19,6 @@ import gc
 import json
 import math
 import os
-import signal
 import sys
 import time
 
@@ -28,12 +27,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from mlxchat.common import (DummyWandb, device_memory_bytes, device_name, dtype_name, format_duration,
-                            get_base_dir, get_compute_dtype, get_peak_flops, print0)
-from mlxchat.common import (DIST_TIMEOUT, all_reduce_floats, all_reduce_mean, barrier, broadcast_object, broadcast_tree,
-                            check_same_on_all_ranks, compute_init, dist_beat, dist_waiting, ranks_disagree)
+from mlxchat.common import (device_memory_bytes, device_name, dtype_name, format_duration, get_base_dir,
+                            get_compute_dtype, get_peak_flops, init_wandb, print0)
+from mlxchat.common import (StopOnCtrlC, add_dist_args, all_reduce_floats, all_reduce_mean, all_reduce_step, barrier,
+                            broadcast_object, broadcast_tree, check_same_on_all_ranks, compute_init, dist_beating,
+                            dist_waiting, launched_argv)
 from mlxchat.gpt import GPT, GPTConfig
-from mlxchat.checkpoint_manager import _optim_path, find_last_step, load_arrays, load_checkpoint, save_arrays, save_checkpoint
+from mlxchat.checkpoint_manager import _optim_path, find_last_step, load_arrays, load_checkpoint, save_training_checkpoint
 from mlxchat.report import get_report, log_metrics
 from mlxchat.schedules import get_lr_multiplier, get_muon_momentum, get_weight_decay
 
@@ -88,14 +88,9 @@ def get_args(argv=None):
     p.add_argument("--data-dir", default=None, help="parquet shards to train on (default <base>/base_data_climbmix; 'demo' = the corpus shipped with mlxchat)")
     p.add_argument("--log-every", type=int, default=1, help="print a log line every N steps")
     p.add_argument("--seed", type=int, default=42)
-    # data parallel across processes / Macs (start every rank with mlx.launch; see runs/multi_mac.sh)
-    p.add_argument("--dist-backend", default="any", help="mx.distributed backend under mlx.launch: any (what the launcher set up) | ring | jaccl | mpi | nccl")
-    p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT,
-                   help="seconds to wait for the other ranks (to join, or in a collective) before exiting with an error")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:  # `mlx.launch ... --python python -m scripts.base_train -- --depth 12`
-        argv = argv[1:]
-    args = p.parse_args(argv)
+    # data parallel across processes / Macs
+    add_dist_args(p)
+    args = p.parse_args(launched_argv(argv))
     if args.device_batch_size != "auto":
         try:
             args.device_batch_size = int(args.device_batch_size)
@@ -385,24 +380,13 @@ def main(argv=None):
     pending = [next(train_loader)]
     consumed = {"state": loader_state}
 
-    def beating(batches):  # (x, y) of each val batch; each one is progress for the watchdog
-        for bx, by, _ in batches:
-            dist_beat()
-            yield bx, by
-
     def next_batch():
         bx, by, state = pending.pop()
         consumed["state"] = state  # where a resume continues from, once this batch is trained on
         pending.append(next(train_loader))  # prefetch: tokenization overlaps the async compute
         return bx, by
 
-    wandb_run = DummyWandb()
-    if args.run != "dummy" and master_process:
-        try:
-            import wandb
-            wandb_run = wandb.init(project="mlxchat", name=args.run, config=user_config)
-        except ImportError:
-            print0("wandb is not installed: logging to the console only")
+    wandb_run = init_wandb("mlxchat", args.run, user_config, master_process)
 
     def grad_reduce(grads):  # data parallel: every rank steps with the mean gradient over all ranks
         return all_reduce_mean(grads, label=f"step {step + 1:05d}: gradient all-reduce")
@@ -412,29 +396,10 @@ def main(argv=None):
     peak_flops = get_peak_flops()
     flops_per_token = hp["flops_per_token"]
 
-    stop = {"requested": False, "agreed": False}  # agreed: every rank knows (a Ctrl-C may reach only some)
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print0("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (press again to abort without saving)")
-    previous_sigint = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with StopOnCtrlC() as stop:  # Ctrl-C: finish the step, save, exit (the caller's handler is put back after)
 
         def save(at_step):
-            if world_size > 1 and ranks_disagree({"model": model.parameters(), "optimizer": optimizer.state},
-                                                 label=f"step {at_step:05d}: checkpoint (comparing the ranks' weights)"):
-                # every rank applies the same update to the same averaged gradient, but Macs with different
-                # chips may round some kernels differently: rank 0's copy wins, so the ranks never drift apart
-                print0(f"step {at_step:05d}: the ranks' weights had drifted apart (different chips round differently); "
-                       f"resynchronized them to rank 0's")
-                model.update(broadcast_tree(model.parameters(), label="resynchronizing the weights"))
-                optimizer.state.update(broadcast_tree(optimizer.state, label="resynchronizing the optimizer state"))
             loader_meta, loader_arrays = split_loader_state(consumed["state"]) if consumed["state"] else (None, None)
-            opt_tensors, opt_meta = optimizer.state_dict()
-            optimizer_data = {"optimizer": {"tensors": opt_tensors, "meta": opt_meta},
-                              "loader": {"meta": loader_meta, "arrays": loader_arrays}}
             meta = {
                 "step": at_step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": user_config,
                 "device_batch_size": B, "max_seq_len": T, "total_batch_size": total_batch_size,
@@ -444,19 +409,11 @@ def main(argv=None):
                 "tokens_seen": at_step * total_batch_size, "seed": args.seed,
                 "compute_dtype": dtype_name(dtype), "world_size": world_size,
             }
-            if world_size == 1:
-                save_checkpoint(checkpoint_dir, at_step, model.named_parameters(), optimizer_data, meta)
-                print0(f"saved checkpoint step {at_step} to {checkpoint_dir}")
-                return
-            # every rank writes its optimizer + loader file; then rank 0 writes the model and, last, the
-            # meta that commits the step (so a committed step always has every rank's file)
-            if rank != 0:
-                save_arrays(_optim_path(checkpoint_dir, at_step, rank), optimizer_data)
-            barrier(f"step {at_step:05d}: checkpoint (every rank's optimizer file)")
-            if master_process:
-                save_checkpoint(checkpoint_dir, at_step, model.named_parameters(), optimizer_data, meta, rank=0)
-                print0(f"saved checkpoint step {at_step} to {checkpoint_dir} (model + meta; optimizer + loader state "
-                       f"of each of the {world_size} ranks on its own machine)")
+            # each rank's exact loader state goes into its own optimizer file
+            save_training_checkpoint(checkpoint_dir, at_step, model, optimizer, meta,
+                                     loader={"meta": loader_meta, "arrays": loader_arrays})
+            print0(f"saved checkpoint step {at_step} to {checkpoint_dir}" + ("" if world_size == 1 else
+                   f" (model + meta; optimizer + loader state of each of the {world_size} ranks on its own machine)"))
 
         progress = Progress(num_iterations, max(args.log_every, 1))
         smooth = loop_state["smooth_train_loss"]
@@ -466,13 +423,13 @@ def main(argv=None):
         mx.reset_peak_memory()
         while True:
             last_step = step == num_iterations
-            stopping = stop["requested"] if world_size == 1 else stop["agreed"]
+            stopping = stop.now
             if args.eval_every > 0 and (last_step or step % args.eval_every == 0):
                 # every rank evaluates its share of the val row groups; evaluate_bpb sums nats and bytes over ranks
                 eval_steps = max(1, args.eval_tokens // (B * T * world_size))
                 val_loader = make_loader(tokenizer, B, T, split="val", data_dir=data_dir, rank=rank, world_size=world_size)
                 with dist_waiting(f"step {step:05d}: val bpb"):
-                    val_bpb = evaluate_bpb(model, beating(val_loader), eval_steps, token_bytes)
+                    val_bpb = evaluate_bpb(model, dist_beating((bx, by) for bx, by, _ in val_loader), eval_steps, token_bytes)
                 loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
                 val_history.append((step, val_bpb))
                 log_metrics("base", step, val_bpb=val_bpb)
@@ -505,13 +462,7 @@ def main(argv=None):
             mx.random.seed(args.seed * 1_000_003 + step)
             t0 = time.time()
             loss, mean_loss = trainer.step(next_batch)
-            if world_size > 1:
-                # one tiny all-reduce: the losses averaged over ranks (what every rank logs), and whether any
-                # rank saw a Ctrl-C, so that all of them stop after the same step
-                loss, mean_loss, stops = all_reduce_floats([loss, mean_loss, float(stop["requested"])],
-                                                           label=f"step {step + 1:05d}: loss all-reduce")
-                loss, mean_loss = loss / world_size, mean_loss / world_size
-                stop["agreed"] = stops > 0
+            loss, mean_loss = all_reduce_step(loss, mean_loss, stop, step + 1)  # averaged over ranks; any Ctrl-C
             dt = time.time() - t0
             step += 1
             losses.append((step, loss))
@@ -556,8 +507,6 @@ def main(argv=None):
         return {"val_bpb": val_bpb, "min_val_bpb": loop_state["min_val_bpb"], "peak_memory_gib": peak, "step": step,
                 "losses": losses, "mean_losses": mean_losses, "val_bpb_history": val_history, "checkpoint_dir": checkpoint_dir,
                 "rank": rank, "world_size": world_size}
-    finally:
-        signal.signal(signal.SIGINT, previous_sigint)  # leave the caller's handler as it was
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ Examples:
 import argparse
 import itertools
 import os
-import signal
 import time
 
 import mlxchat  # noqa: F401  (preloads OpenBLAS on Linux before mlx)
@@ -33,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from mlxchat.common import DummyWandb, format_duration, get_base_dir, print0
+from mlxchat.common import StopOnCtrlC, format_duration, get_base_dir, init_wandb, print0
 from mlxchat.schedules import get_rl_lr_multiplier
 from tasks.common import Task
 
@@ -211,13 +210,7 @@ def main(argv=None):
         return -(logp * advantages[:, None]).sum() / denom
     loss_and_grad = nn.value_and_grad(model, pg_loss)
 
-    wandb_run = DummyWandb()
-    if args.run != "dummy":
-        try:
-            import wandb
-            wandb_run = wandb.init(project="mlxchat-rl", name=args.run, config=user_config)
-        except ImportError:
-            print0("wandb is not installed: logging to the console only")
+    wandb_run = init_wandb("mlxchat-rl", args.run, user_config)
 
     output_tag = args.model_tag or f"d{model.config.n_layer}"
     checkpoint_dir = os.path.join(base_dir, SOURCE_DIRS["rl"], output_tag)
@@ -238,21 +231,12 @@ def main(argv=None):
         wandb_run.log({"step": at_step, "eval/mean_reward": mean_reward, **{f"eval/{n}": v for n, v in passk.items()}})
         return passk, mean_reward
 
-    stop = {"requested": False}
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print0("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (press again to abort)")
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
-
     problems = itertools.cycle(range(len(train_task)))
     num_passes = args.num_samples // args.device_batch_size
     history, evals = [], []
     train_time = 0.0
     step = 0
-    try:
+    with StopOnCtrlC() as stop:  # Ctrl-C: finish the step, save, exit (the caller's handler is put back after)
         for step in range(num_steps):
             if args.eval_every > 0 and step % args.eval_every == 0:
                 evals.append((step, *run_eval(step)))
@@ -287,17 +271,15 @@ def main(argv=None):
                    f"lrm {lrm:.3f} | dt {dt:.1f}s | elapsed {format_duration(train_time)} | eta {format_duration(eta)}")
             log_metrics("rl", step + 1, reward=mean_reward, answer_length=mean_length, lrm=lrm)
             wandb_run.log({"step": step, "train/reward": mean_reward, "train/answer_length": mean_length, "lrm": lrm})
-            last = step == num_steps - 1 or stop["requested"]
+            last = step == num_steps - 1 or stop.requested
             if last or (step > 0 and args.save_every > 0 and step % args.save_every == 0):
                 save(step)
-            if stop["requested"]:
+            if stop.requested:
                 break
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
 
     # (an mlxchat addition) evaluate the final model too, so the run ends with its numbers
     final_passk, final_reward = {}, None
-    if args.eval_every > 0 and not stop["requested"]:
+    if args.eval_every > 0 and not stop.requested:
         final_passk, final_reward = run_eval(num_steps)
         evals.append((num_steps, final_passk, final_reward))
     initial = evals[0] if evals else None

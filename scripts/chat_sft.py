@@ -44,16 +44,16 @@ max(1, number of targets), so even an all-padding batch would give 0, not NaN.
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 
 import mlxchat  # noqa: F401  (preloads OpenBLAS on Linux before mlx)
 import mlx.core as mx
 
-from mlxchat.common import DummyWandb, dtype_name, format_duration, get_base_dir, get_compute_dtype, print0
-from mlxchat.common import (DIST_TIMEOUT, all_reduce_floats, all_reduce_mean, barrier, broadcast_object, broadcast_tree,
-                            check_same_on_all_ranks, compute_init, dist_beat, dist_waiting, ranks_disagree)
+from mlxchat.common import dtype_name, format_duration, get_base_dir, get_compute_dtype, init_wandb, print0
+from mlxchat.common import (StopOnCtrlC, add_dist_args, all_reduce_floats, all_reduce_mean, all_reduce_step, barrier,
+                            broadcast_object, broadcast_tree, check_same_on_all_ranks, compute_init, dist_beating,
+                            dist_waiting, launched_argv)
 from mlxchat.schedules import get_sft_lr_multiplier, get_sft_muon_momentum
 from tasks.common import Task, TaskMixture, HubDataset, task_data_dir
 from tasks.gsm8k import GSM8K
@@ -99,14 +99,9 @@ def get_args(argv=None):
     p.add_argument("--gsm8k-epochs", type=int, default=4, help="times the GSM8K-format training data is repeated in the mixture")
     p.add_argument("--log-every", type=int, default=1, help="a progress line every N steps (on a terminal one line redraws in place, kept every N steps when N > 1)")
     p.add_argument("--seed", type=int, default=42)
-    # data parallel across processes / Macs (start every rank with mlx.launch)
-    p.add_argument("--dist-backend", default="any", help="mx.distributed backend under mlx.launch: any (what the launcher set up) | ring | jaccl | mpi | nccl")
-    p.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT,
-                   help="seconds to wait for the other ranks (to join, or in a collective) before exiting with an error")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--"]:  # `mlx.launch ... --python python -m scripts.chat_sft -- --mixture demo`
-        argv = argv[1:]
-    args = p.parse_args(argv)
+    # data parallel across processes / Macs
+    add_dist_args(p)
+    args = p.parse_args(launched_argv(argv))
     for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
         v = getattr(args, name)
         if v is not None and v < 1:
@@ -384,7 +379,7 @@ def main(argv=None):
     rank, world_size, _ = compute_init(args.dist_backend, args.dist_timeout)
     master_process = rank == 0
     mx.random.seed(args.seed)
-    from mlxchat.checkpoint_manager import SOURCE_DIRS, _optim_path, load_optimizer_state, save_arrays, save_checkpoint
+    from mlxchat.checkpoint_manager import SOURCE_DIRS, load_optimizer_state, save_training_checkpoint
     from mlxchat.loss_eval import evaluate_bpb
     from mlxchat.report import get_report, log_metrics
     from mlxchat.tokenizer import get_token_bytes
@@ -458,14 +453,9 @@ def main(argv=None):
     num_val = int(all_reduce_floats([len(val_batches)], label="counting the val batches")[0])
     print0(f"val: {num_val} batches ({num_val * B * T:,} tokens)")
 
-    def beating(batches):  # each val batch is progress for the watchdog
-        for batch in batches:
-            dist_beat()
-            yield batch
-
     def evaluate(at_step):
         with dist_waiting(f"step {at_step:05d}: val bpb"):
-            return evaluate_bpb(model, beating(val_batches), len(val_batches), token_bytes)
+            return evaluate_bpb(model, dist_beating(val_batches), len(val_batches), token_bytes)
 
     chatcore = None
     chatcore_every = args.chatcore_every
@@ -474,47 +464,17 @@ def main(argv=None):
     if chatcore_every > 0:
         chatcore = make_chatcore(model, tokenizer, B, args.chatcore_max_cat, args.chatcore_max_sample)
 
-    wandb_run = DummyWandb()
-    if args.run != "dummy" and master_process:
-        try:
-            import wandb
-            wandb_run = wandb.init(project="mlxchat-sft", name=args.run, config=user_config)
-        except ImportError:
-            print0("wandb is not installed: logging to the console only")
+    wandb_run = init_wandb("mlxchat-sft", args.run, user_config, master_process)
 
     output_tag = args.model_tag or f"d{model.config.n_layer}"
     checkpoint_dir = os.path.join(base_dir, SOURCE_DIRS["sft"], output_tag)
 
     def save(at_step):
-        if world_size > 1 and ranks_disagree({"model": model.parameters(), "optimizer": optimizer.state},
-                                             label=f"step {at_step:05d}: checkpoint (comparing the ranks' weights)"):
-            # Macs with different chips may round some kernels differently: rank 0's copy wins
-            print0(f"step {at_step:05d}: the ranks' weights had drifted apart (different chips round differently); "
-                   f"resynchronized them to rank 0's")
-            model.update(broadcast_tree(model.parameters(), label="resynchronizing the weights"))
-            optimizer.state.update(broadcast_tree(optimizer.state, label="resynchronizing the optimizer state"))
-        opt_tensors, opt_meta = optimizer.state_dict()
-        optimizer_data = {"optimizer": {"tensors": opt_tensors, "meta": opt_meta}}
         model_config = dict(model.config.to_dict(), sequence_len=T)  # as nanochat: the SFT context length
-        # every rank writes its optimizer file, then rank 0 the model and, last, the meta that commits the step
-        if rank != 0:
-            save_arrays(_optim_path(checkpoint_dir, at_step, rank), optimizer_data)
-        barrier(f"step {at_step:05d}: checkpoint (every rank's optimizer file)")
-        if master_process:
-            save_checkpoint(checkpoint_dir, at_step, model.named_parameters(), optimizer_data,
-                            {"step": at_step, "val_bpb": val_bpb, "model_config": model_config, "user_config": user_config,
-                             "base_checkpoint": {"model_tag": model_tag, "step": model_step}, "world_size": world_size},
-                            rank=0)
-            print0(f"saved checkpoint step {at_step} to {checkpoint_dir}")
-
-    stop = {"requested": False, "agreed": False}  # agreed: every rank knows (a Ctrl-C may reach only some)
-
-    def on_sigint(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        print0("\nCtrl-C: finishing this step, saving a checkpoint, then exiting (press again to abort without saving)")
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+        save_training_checkpoint(checkpoint_dir, at_step, model, optimizer,
+                                 {"step": at_step, "val_bpb": val_bpb, "model_config": model_config, "user_config": user_config,
+                                  "base_checkpoint": {"model_tag": model_tag, "step": model_step}, "world_size": world_size})
+        print0(f"saved checkpoint step {at_step} to {checkpoint_dir}")
 
     def grad_reduce(grads):  # data parallel: every rank steps with the mean gradient over all ranks
         return all_reduce_mean(grads, label=f"step {step + 1:05d}: gradient all-reduce")
@@ -524,7 +484,7 @@ def main(argv=None):
     step, smooth, val_bpb, initial_val_bpb, train_time = 0, 0.0, None, None, 0.0
     chatcore_results = {}
     losses, mean_losses = [], []  # per step: the last micro-batch's loss, the mean over all micro-batches (over ranks)
-    try:
+    with StopOnCtrlC() as stop:  # Ctrl-C: finish the step, save, exit (the caller's handler is put back after)
         while True:
             if args.num_iterations > 0:
                 last_step = step >= args.num_iterations
@@ -549,7 +509,7 @@ def main(argv=None):
                     chatcore_results = chatcore()
                 print0(f"step {step:05d} | " + ", ".join(f"{k}: {v:.4f}" for k, v in chatcore_results.items()))
                 wandb_run.log({"step": step, **{f"chatcore/{k}": v for k, v in chatcore_results.items()}})
-            if last_step or (stop["requested"] if world_size == 1 else stop["agreed"]):
+            if last_step or stop.now:
                 save(step)
                 break
 
@@ -561,13 +521,7 @@ def main(argv=None):
                     group["momentum"] = momentum
             t0 = time.time()
             loss, mean_loss = trainer.step(next_batch)
-            if world_size > 1:
-                # one tiny all-reduce: the losses averaged over ranks (what every rank logs), and whether any
-                # rank saw a Ctrl-C, so that all of them stop after the same step
-                loss, mean_loss, stops = all_reduce_floats([loss, mean_loss, float(stop["requested"])],
-                                                           label=f"step {step + 1:05d}: loss all-reduce")
-                loss, mean_loss = loss / world_size, mean_loss / world_size
-                stop["agreed"] = stops > 0
+            loss, mean_loss = all_reduce_step(loss, mean_loss, stop, step + 1)  # averaged over ranks; any Ctrl-C
             dt = time.time() - t0
             step += 1
             losses.append(loss)
@@ -592,8 +546,6 @@ def main(argv=None):
                 print0(line)
             if step % 10 == 0:
                 wandb_run.log({"step": step, "train/loss": debiased, "train/lrm": lrm})
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
 
     # the other ranks wait for rank 0's checkpoint, so that all exit together once it is complete
     barrier("end of training: waiting for rank 0 to finish writing the checkpoint")

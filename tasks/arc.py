@@ -3,7 +3,7 @@ The ARC dataset from Allen AI: grade-school science multiple choice, in two diff
 https://huggingface.co/datasets/allenai/ai2_arc
 """
 
-from tasks.common import Task, load_hub_dataset, render_mc
+from tasks.common import Task, evaluate_mc, load_hub_dataset, mc_conversation
 
 
 class ARC(Task):
@@ -28,18 +28,7 @@ class ARC(Task):
         letters = row["choices"]["label"]  # usually A-D, sometimes A-E or 1-4
         answer_string = row["answerKey"]  # one of the letters
         assert answer_string in letters, f"ARC answer {answer_string} must be one of {letters}"
-        user_message = render_mc(question, letters, choices)
-        messages = [
-            {"role": "user", "content": user_message},
-            {"role": "assistant", "content": answer_string},
-        ]
-        conversation = {
-            "messages": messages,
-            "letters": letters,  # the evaluation clamps the prediction to these letters
-        }
-        return conversation
+        return mc_conversation(question, letters, choices, answer_string)
 
     def evaluate(self, conversation, assistant_response):
-        # categorical eval only ever picks one of the letters, so anything else is a bug upstream
-        assert assistant_response in conversation['letters'], f"ARC answer {assistant_response} is expected to be one of {conversation['letters']}"
-        return assistant_response == conversation['messages'][-1]['content']
+        return evaluate_mc(conversation, assistant_response)

@@ -296,3 +296,24 @@ def render_mc(question, letters, choices):
     query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
     query += "\nRespond only with the letter of the correct answer."
     return query
+
+
+def mc_conversation(question, letters, choices, answer_letter, **extra):
+    """
+    A multiple choice problem (ARC, MMLU) as a conversation: the user asks it in render_mc's format,
+    the assistant answers with the bare letter. `letters` rides along because the categorical eval
+    clamps the model's prediction to them; `extra` adds task-specific fields (e.g. MMLU's subject).
+    """
+    messages = [
+        {"role": "user", "content": render_mc(question, letters, choices)},
+        {"role": "assistant", "content": answer_letter},
+    ]
+    return {"messages": messages, **extra, "letters": letters}
+
+
+def evaluate_mc(conversation, assistant_response):
+    """Whether a categorical prediction (always one of the conversation's letters) is the gold letter."""
+    # categorical eval only ever picks one of the letters, so anything else is a bug upstream
+    letters = conversation["letters"]
+    assert assistant_response in letters, f"answer {assistant_response} is expected to be one of {letters}"
+    return assistant_response == conversation["messages"][-1]["content"]

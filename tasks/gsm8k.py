@@ -35,6 +35,22 @@ def extract_answer(completion):
     return None
 
 
+def evaluate_final_answer(conversation, assistant_response):
+    """
+    1 if the response's #### answer equals the reference's, else 0. The conversation holds the
+    ground truth assistant message, whose last text part ends in "#### <number>"; assistant_response
+    is usually a sampled alternative to it. Every task that answers in GSM8K's format (SpellingBee too)
+    is graded here.
+    """
+    assert isinstance(assistant_response, str), "Assuming simple string response for now"
+    assistant_message = conversation['messages'][-1]
+    assert assistant_message['role'] == "assistant", "Last message must be from the Assistant"
+    assert isinstance(assistant_message['content'], list), "This is expected to be a list of parts"
+    ref_num = extract_answer(assistant_message['content'][-1]['text'])
+    pred_num = extract_answer(assistant_response)
+    return int(pred_num == ref_num)
+
+
 class GSM8K(Task):
 
     def __init__(self, subset, split, **kwargs):
@@ -78,20 +94,6 @@ class GSM8K(Task):
         return conversation
 
     def evaluate(self, conversation, assistant_response):
-        """
-        1 if the response's #### answer equals the reference's, else 0.
-        The conversation holds the ground truth assistant message; assistant_response
-        is usually a sampled alternative to it.
-        """
-        assert isinstance(assistant_response, str), "Assuming simple string response for now"
-        assistant_message = conversation['messages'][-1]
-        assert assistant_message['role'] == "assistant", "Last message must be from the Assistant"
-        assert isinstance(assistant_message['content'], list), "This is expected to be a list of parts"
-        # the last text part holds the "#### <number>" line
-        ref_num = extract_answer(assistant_message['content'][-1]['text'])
-        pred_num = extract_answer(assistant_response)
-        return int(pred_num == ref_num)
+        return evaluate_final_answer(conversation, assistant_response)
 
-    def reward(self, conversation, assistant_response):
-        """ 0/1 reward for RL: simply whether the answer is right. """
-        return float(self.evaluate(conversation, assistant_response))
+    # reward: Task's, the 0/1 correctness (float(self.evaluate(...))) for RL

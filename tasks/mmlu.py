@@ -5,7 +5,7 @@ The test split is the eval; auxiliary_train (ARC, OBQA, RACE, MCTest train sets 
 teaches the multiple choice format during SFT.
 """
 
-from tasks.common import Task, load_hub_dataset, render_mc
+from tasks.common import Task, evaluate_mc, load_hub_dataset, mc_conversation
 
 
 class MMLU(Task):
@@ -32,21 +32,9 @@ class MMLU(Task):
         question = row["question"]
         choices = row["choices"]
         answer = row["answer"]  # index of the answer, 0..3 for A..D
-        subject = row["subject"]  # e.g. "college_biology" (empty in auxiliary_train)
+        subject = row["subject"]  # e.g. "college_biology" (empty in auxiliary_train); for per-subject metrics
         assert len(choices) == 4, "MMLU should have 4 choices"
-        user_message = render_mc(question, self.letters, choices)
-        messages = [
-            {"role": "user", "content": user_message},
-            {"role": "assistant", "content": self.letters[answer]},
-        ]
-        conversation = {
-            "messages": messages,
-            "subject": subject,  # for per-subject metrics
-            "letters": self.letters,  # the evaluation clamps the prediction to these letters
-        }
-        return conversation
+        return mc_conversation(question, self.letters, choices, self.letters[answer], subject=subject)
 
     def evaluate(self, conversation, assistant_response):
-        # categorical eval only ever picks one of the letters, so anything else is a bug upstream
-        assert assistant_response in self.letters, f"MMLU answer {assistant_response} is expected to be one of {self.letters}"
-        return assistant_response == conversation['messages'][-1]['content']
+        return evaluate_mc(conversation, assistant_response)

@@ -21,10 +21,10 @@ To preview a few example conversations: python -m tasks.spellingbee
 """
 
 import random
-import re
 import string
 
 from tasks.common import Task, download_file_with_lock
+from tasks.gsm8k import evaluate_final_answer
 
 # Letters of the alphabet
 LETTERS = string.ascii_lowercase
@@ -32,19 +32,6 @@ LETTERS = string.ascii_lowercase
 WORD_LIST_URL = "https://raw.githubusercontent.com/dwyl/english-words/refs/heads/master/words_alpha.txt"
 # A number bigger than 370K to separate train and test random seeds
 TEST_RANDOM_SEED_OFFSET = 10_000_000
-
-# Identical to gsm8k's answer extraction
-ANSWER_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
-
-
-def extract_answer(completion):
-    """ The number after the #### marker, stripped and without commas; None if absent. """
-    match = ANSWER_RE.search(completion)
-    if match:
-        match_str = match.group(1).strip()
-        match_str = match_str.replace(",", "")
-        return match_str
-    return None
 
 
 # User message templates for data augmentation (order matters: it feeds rng.choice)
@@ -132,7 +119,8 @@ def load_words(word_list_path=None):
     return words
 
 
-class SpellingBee(Task):
+class WordTask(Task):
+    """ What both tasks share: the word list, `size` examples, and example i's own seeded rng. """
 
     def __init__(self, size=1000, split="train", word_list_path=None, **kwargs):
         super().__init__(**kwargs)
@@ -148,9 +136,15 @@ class SpellingBee(Task):
     def num_examples(self):
         return self.size
 
-    def get_example(self, index):
+    def example_rng(self, index):
         seed = index if self.split == 'train' else TEST_RANDOM_SEED_OFFSET + index
-        rng = random.Random(seed)
+        return random.Random(seed)
+
+
+class SpellingBee(WordTask):
+
+    def get_example(self, index):
+        rng = self.example_rng(index)
 
         # pick a random word, and a letter from it (90%) or a random letter (10%)
         word = rng.choice(self.words)
@@ -207,43 +201,22 @@ Then count the occurrences of '{letter}':
         return conversation
 
     def evaluate(self, conversation, assistant_response):
-        """ 1 if the response's #### answer equals the reference's, else 0 (identical to GSM8K). """
-        assert isinstance(assistant_response, str), "Assuming simple string response for now"
-        assistant_message = conversation['messages'][-1]
-        assert assistant_message['role'] == "assistant", "Last message must be from the Assistant"
-        assert isinstance(assistant_message['content'], list), "This is expected to be a list of parts"
-        ref_num = extract_answer(assistant_message['content'][-1]['text'])
-        pred_num = extract_answer(assistant_response)
-        return int(pred_num == ref_num)
+        # the answer ends in GSM8K's "#### <count>" line: graded exactly as GSM8K grades
+        return evaluate_final_answer(conversation, assistant_response)
 
-    def reward(self, conversation, assistant_response):
-        """ 0/1 reward, just like GSM8K. """
-        return float(self.evaluate(conversation, assistant_response))
+    # reward: Task's, the 0/1 correctness (float(self.evaluate(...))), just like GSM8K
 
 
-class SimpleSpelling(Task):
+class SimpleSpelling(WordTask):
     """ A much simpler task to get the model to just practice spelling words. """
 
     def __init__(self, size=1000, split="train", word_list_path=None, **kwargs):
-        super().__init__(**kwargs)
-        assert split in ["train", "test"], "SpellingBee split must be train|test"
-        self.size = size
-        self.split = split
-        words = load_words(word_list_path)
+        super().__init__(size, split, word_list_path, **kwargs)
         rng = random.Random(42)
-        rng.shuffle(words)  # a different word order than SpellingBee's
-        self.words = words
-
-    @property
-    def eval_type(self):
-        return 'generative'
-
-    def num_examples(self):
-        return self.size
+        rng.shuffle(self.words)  # a different word order than SpellingBee's
 
     def get_example(self, index):
-        seed = index if self.split == 'train' else TEST_RANDOM_SEED_OFFSET + index
-        rng = random.Random(seed)
+        rng = self.example_rng(index)
         word = rng.choice(self.words)
         word_letters = ",".join(list(word))
         messages = [

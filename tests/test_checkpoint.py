@@ -77,19 +77,50 @@ def test_native_round_trip_is_bit_exact(tmp_path, monkeypatch):
     assert mx.array_equal(rebuilt(x), model(x)).item()
 
 
+def dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
 def test_incomplete_save_is_not_a_step(tmp_path):
     ckpt = str(tmp_path / "ck")
     model = tiny_model()
     save_checkpoint(ckpt, 10, model.named_parameters(), None, {"step": 10, "model_config": model.config.to_dict()})
     # a save killed after the model file but before its meta: step 20 must not count
     save_arrays(os.path.join(ckpt, "model_000020.safetensors"), model.named_parameters())
-    open(os.path.join(ckpt, "model_000030.safetensors.tmp99.safetensors"), "wb").write(b"partial")
+    open(os.path.join(ckpt, f"model_000030.safetensors.tmp{dead_pid()}.safetensors"), "wb").write(b"partial")
     assert find_steps(ckpt) == [10]
     assert find_last_step(ckpt) == 10
     # the next save sweeps the temporary leftovers
     save_checkpoint(ckpt, 40, model.named_parameters(), None, {"step": 40, "model_config": model.config.to_dict()})
     assert not [f for f in os.listdir(ckpt) if ".tmp" in f]
     assert find_last_step(ckpt) == 40
+
+
+def test_sweep_spares_temp_files_of_live_processes(tmp_path):
+    # another process saving into the same folder right now (a second run with the same tag, another
+    # rank on this machine) must keep its half-written file; only ours and the dead's are swept
+    ckpt = str(tmp_path / "ck")
+    os.makedirs(ckpt)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {"live": f"model_000010.safetensors.tmp{other.pid}.safetensors",
+                 "dead": f"optim_000010_rank0.safetensors.tmp{dead_pid()}.safetensors",
+                 "ours": f"model_000010.safetensors.tmp{os.getpid()}.safetensors",
+                 "meta": ".meta_000010.json.k2j4x9_q.tmp"}  # atomic_write's (mkstemp) name: no pid, never swept
+        for name in names.values():
+            open(os.path.join(ckpt, name), "wb").write(b"partial")
+        model = tiny_model()
+        save_checkpoint(ckpt, 20, model.named_parameters(), None, {"step": 20, "model_config": model.config.to_dict()})
+        left = set(os.listdir(ckpt))
+        assert names["live"] in left and names["meta"] in left
+        assert names["dead"] not in left and names["ours"] not in left
+        assert find_last_step(ckpt) == 20
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_truncated_and_corrupt_files_name_the_file(fixture_dir, tmp_path):
