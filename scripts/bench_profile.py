@@ -24,6 +24,7 @@ import mlxchat  # noqa: F401
 import mlx.core as mx
 
 from mlxchat.common import device_name, dtype_name, get_compute_dtype
+from scripts.bench_train import add_model_args
 
 # kernel name -> category, first match wins (MLX's CUDA kernel names, cuBLAS/cuDNN's)
 CATEGORIES = [
@@ -121,13 +122,7 @@ def main(argv=None):
                    help="attn: causal, or a sliding window as a boolean (T, T) mask (window), as a (T, T) additive "
                         "mask (additive), by kernels.banded_attention (banded) or kernels.attention (blockwise)")
     p.add_argument("--window", type=int, default=512, help="attn: window size (nanochat's S layers at T=2048: 512)")
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--aspect-ratio", type=int, default=64)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--window-pattern", default="SSSL")
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--device-batch-size", type=int, default=16)
+    add_model_args(p)
     p.add_argument("--grad-checkpoint", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1, help="decode: rows")
     p.add_argument("--prompt-tokens", type=int, default=512, help="decode: context before the profiled steps")

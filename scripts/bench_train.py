@@ -18,8 +18,8 @@ from mlxchat.gpt import GPT
 from scripts.base_train import Trainer, build_model_meta
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p):
+    """The model shape and micro-batch flags shared by the training benchmarks (nanochat's defaults)."""
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--aspect-ratio", type=int, default=64)
     p.add_argument("--head-dim", type=int, default=128)
@@ -27,6 +27,11 @@ def main(argv=None):
     p.add_argument("--window-pattern", default="SSSL")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--device-batch-size", type=int, default=16)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--grad-checkpoint", type=int, default=0)
     p.add_argument("--steps", type=int, default=10, help="timed steps")

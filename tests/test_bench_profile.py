@@ -1,0 +1,36 @@
+"""scripts/bench_profile.py: the kernel-table arithmetic, and that every mode runs (on the CPU,
+without PyTorch's profiler, which needs CUDA)."""
+import pytest
+
+from scripts import bench_profile
+
+
+def test_busy_time_is_the_union_of_intervals():
+    # overlapping kernels on two streams count once; gaps do not count
+    assert bench_profile.busy_time([(0, 10), (5, 12), (20, 25), (21, 22)]) == 17
+    assert bench_profile.busy_time([]) == 0
+
+
+def test_categories_of_real_kernel_names():
+    cat = bench_profile.categorize
+    assert cat("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26") == "attention (cuDNN)"
+    assert cat("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "matmul"
+    assert cat("void mlx::core::cu::rms_norm_small<__nv_bfloat16, 64, 1, false, 8>(...)") == "reduction"
+    assert cat("void mlx::core::cu::copy_gg_nd<__nv_bfloat16, __nv_bfloat16, int, 2, 4>(...)") == "copy / gather / scatter"
+    assert cat("void mlx::core::cu::binary_vv<mlx::core::cu::Add, __nv_bfloat16>(...)") == "elementwise"
+
+
+def test_summary_sums_per_run():
+    kernels = [("gemm_a", 0, 4), ("copy_v", 4, 5), ("gemm_a", 10, 14), ("copy_v", 14, 15)]
+    out = bench_profile.summarize(kernels, wall=0.020, repeats=2, top=5)
+    assert out["kernels_per_run"] == 2 and out["gpu_busy_ms"] == pytest.approx(0.005)
+    assert out["categories_ms"]["matmul"] == pytest.approx(0.004)
+    assert out["top"][0] == {"name": "gemm_a", "ms": pytest.approx(0.004), "launches": 1}
+
+
+@pytest.mark.parametrize("what", ["train", "optim", "decode", "attn"])
+def test_every_mode_runs_without_the_profiler(what):
+    res = bench_profile.main(["--what", what, "--no-torch", "--depth", "1", "--aspect-ratio", "64", "--head-dim", "32",
+                              "--max-seq-len", "64", "--vocab-size", "128", "--device-batch-size", "2", "--window", "16",
+                              "--mask", "banded", "--prompt-tokens", "8", "--warmup", "1", "--repeats", "1"])
+    assert res["unprofiled_ms"] > 0 and res["what"] == what
