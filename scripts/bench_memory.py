@@ -12,6 +12,7 @@ gradients are counted in the peak (as in a training step); the optimizer is not.
         reference = the plain formula (full (B*T, V) fp32 logits, MLX autograd)
 --attn: sdpa      = mx.fast.scaled_dot_product_attention with MLX's own VJP
         blockwise = mlxchat.kernels.attention's custom VJP (query-block recompute in the backward)
+        banded    = mlxchat.kernels.banded_attention (window layers as one fused call on the diagonal band)
         auto      = the per-backend rule in mlxchat.kernels.attention_impl
 Each combination runs in a fresh process under --sweep, so compile caches and the allocator's
 peak do not leak between them. The last line printed is JSON.
@@ -155,7 +156,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--ce", choices=["auto", "chunked", "reference"], default="auto")
-    p.add_argument("--attn", choices=["auto", "sdpa", "blockwise"], default="auto")
+    p.add_argument("--attn", choices=["auto", "sdpa", "banded", "blockwise"], default="auto")
     p.add_argument("--grad-checkpoint", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", action="store_true")
