@@ -33,10 +33,14 @@ TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-l
         "--device-batch-size", "2", "--total-batch-size", "256", "--eval-every", "-1", "--sample-every", "-1",
         "--log-every", "1", "--dist-timeout", "60"]
 
-# Runs base_train.main in one rank and dumps what the tests compare: the per-step losses and the
-# final weights of THIS rank (rank 0 alone writes the model file).
+# Runs scripts.<script>.main in one rank and dumps what the tests compare: the per-step losses (and
+# val bpb) and the final weights of THIS rank (rank 0 alone writes the model file).
+# argv: out_dir, script, a base dir of rank 1's own ("-": rank 0's, as on one machine), the script's args.
 RUNNER = r'''
-import json, sys
+import importlib, json, os, sys
+out_dir, script, rank1_base = sys.argv[1:4]
+if rank1_base != "-" and os.environ.get("MLX_RANK") == "1":
+    os.environ["MLXCHAT_BASE_DIR"] = rank1_base  # before mlxchat is imported
 import mlxchat  # noqa: F401
 import numpy as np
 from scripts import base_train
@@ -49,11 +53,10 @@ class RecordingTrainer(base_train.Trainer):
         trainers.append(self)
 
 base_train.Trainer = RecordingTrainer
-out_dir = sys.argv[1]
-result = base_train.main(sys.argv[2:])
+result = importlib.import_module(f"scripts.{script}").main(sys.argv[4:])
 r = result["rank"]
 with open(f"{out_dir}/result_rank{r}.json", "w") as f:
-    json.dump({k: result[k] for k in ("losses", "mean_losses", "rank", "world_size", "step")}, f)
+    json.dump({k: result[k] for k in ("losses", "mean_losses", "rank", "world_size", "step", "val_bpb") if k in result}, f)
 np.savez(f"{out_dir}/weights_rank{r}.npz", **{k: np.array(v) for k, v in trainers[-1].model.named_parameters().items()})
 '''
 
@@ -91,14 +94,14 @@ def _prepare_base_dir(fixture_dir, base):
         shutil.copy(os.path.join(fixture_dir, "tokenizer", f), tok_dir)
 
 
-def _launch_2(base, out_dir, args, timeout=240):
+def _launch_2(base, out_dir, args, timeout=240, script="base_train", rank1_base="-"):
     """2 ranks of the runner through mlx.launch (ring backend, 127.0.0.1): what a user runs."""
     os.makedirs(out_dir, exist_ok=True)
     runner = os.path.join(out_dir, "runner.py")
     with open(runner, "w") as f:
         f.write(RUNNER)
     cmd = [MLX_LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--",
-           sys.executable, runner, out_dir] + args
+           sys.executable, runner, out_dir, script, rank1_base] + args
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(base), capture_output=True, text=True, timeout=timeout)
     # mlx.launch exits 0 even when a rank fails: it only warns "Node with rank r exited with code c"
     assert proc.returncode == 0 and "Node with rank" not in proc.stderr, proc.stdout[-4000:] + proc.stderr[-4000:]
@@ -325,32 +328,6 @@ def test_a_rank_that_never_joins_ends_the_other(tmp_path):
 # -----------------------------------------------------------------------------
 # chat_sft: the same data parallel, from a base checkpoint that only rank 0 has
 
-# Runs chat_sft.main in one rank. Rank 1 gets a base dir of its own, as on a second Mac: the tokenizer
-# only (no base checkpoint), and it writes its optimizer file there.
-SFT_RUNNER = r'''
-import json, os, sys
-if os.environ.get("MLX_RANK") == "1":
-    os.environ["MLXCHAT_BASE_DIR"] = sys.argv[2]
-import mlxchat  # noqa: F401
-import numpy as np
-from scripts import base_train, chat_sft
-
-trainers = []
-
-class RecordingTrainer(base_train.Trainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        trainers.append(self)
-
-base_train.Trainer = RecordingTrainer
-out_dir = sys.argv[1]
-result = chat_sft.main(sys.argv[3:])
-r = result["rank"]
-with open(f"{out_dir}/result_rank{r}.json", "w") as f:
-    json.dump({k: result[k] for k in ("losses", "mean_losses", "rank", "world_size", "step", "val_bpb")}, f)
-np.savez(f"{out_dir}/weights_rank{r}.npz", **{k: np.array(v) for k, v in trainers[-1].model.named_parameters().items()})
-'''
-
 
 def _install_sft_base(fixture_dir, base, with_checkpoint=True):
     """The parity fixture model as base checkpoint 'fx' (with an optimizer state that has taken one step and
@@ -402,21 +379,14 @@ def test_two_rank_sft_matches_one_process_and_saves_a_loadable_checkpoint(fixtur
     args = ["--model-tag", "fx", "--mixture", mixture, "--max-seq-len", "128", "--device-batch-size", "2",
             "--total-batch-size", "512", "--eval-every", "-1", "--eval-tokens", "512", "--dist-timeout", "60"]
 
-    out_dir = str(tmp_path / "out")
-    os.makedirs(out_dir)
-    runner = os.path.join(out_dir, "runner.py")
-    with open(runner, "w") as f:
-        f.write(SFT_RUNNER)
+    # rank 1 on a base dir of its own, as on a second Mac: the tokenizer only, no base checkpoint; the
+    # leading "--" is what `mlx.launch ... -- python -m scripts.chat_sft -- ...` passes on
     t0 = time.time()
-    cmd = [MLX_LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--",
-           sys.executable, runner, out_dir, base1, "--"] + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(base0), capture_output=True, text=True, timeout=240)
+    (r0, r1), stdout = _launch_2(base0, str(tmp_path / "out"), ["--"] + args, script="chat_sft", rank1_base=base1)
     launched = time.time() - t0
-    assert proc.returncode == 0 and "Node with rank" not in proc.stderr, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "batch: 512 tokens = 2 x 128 x 1 accumulation steps x 2 processes" in proc.stdout
-    assert "loaded the base run's optimizer state" in proc.stdout
-    r0, r1 = [json.load(open(os.path.join(out_dir, f"result_rank{r}.json"))) for r in range(2)]
-    w0, w1 = [dict(np.load(os.path.join(out_dir, f"weights_rank{r}.npz"))) for r in range(2)]
+    assert "batch: 512 tokens = 2 x 128 x 1 accumulation steps x 2 processes" in stdout
+    assert "loaded the base run's optimizer state" in stdout
+    w0, w1 = r0.pop("weights"), r1.pop("weights")
     assert (r0["rank"], r1["rank"], r0["world_size"]) == (0, 1, 2)
     # same step count, the same (rank-averaged) losses and val bpb, bit-identical weights
     assert r0["step"] == r1["step"] >= 5
