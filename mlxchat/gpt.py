@@ -86,16 +86,12 @@ def attention_mask(t_q, t_k, offset, window, dtype):
     return kernels.additive_window_mask(t_q, t_k, offset, window, dtype)
 
 
-def relu_squared(x):
-    return _relu_squared(x)
-
-
 @mx.custom_function
-def _relu_squared(x):
+def relu_squared(x):
     return mx.square(mx.maximum(x, 0))
 
 
-@_relu_squared.vjp
+@relu_squared.vjp
 def _relu_squared_vjp(x, cotangent, output):
     # d/dx relu(x)^2 = 2 relu(x). Autodiff of square(maximum(x, 0)) would keep relu(x), a third
     # (B, T, 4C) array beside x and the output, alive for the backward; this keeps only x.

@@ -170,9 +170,9 @@ def attention_impl(B, H, T, D, dtype, window, requested=None):
     - CUDA: the cuDNN flash forward and backward for bf16/fp16 with D <= 128, D % 8 == 0, fed a
       causal mask ("causal") or an additive bias. cuDNN as MLX calls it has no sliding-window option:
       with a (T, T) bias it computes every one of the T x T scores. A window layer whose window
-      divides T therefore runs 'banded' (causal on the first window of queries, then each later
-      window of queries against its two windows of keys: 40% of the scores at T = 2048, window 512);
-      a full-context layer and any other window run 'sdpa'.
+      divides T therefore runs 'banded' (each window of queries against its own and the previous
+      window of keys, in one call: 50% of the scores at T = 2048, window 512); a full-context layer
+      and any other window run 'sdpa'.
     Measured on an H100 (MLX CUDA, bf16, 16 x 2048 x 6 heads x 128, forward + backward of one layer;
     `python -m scripts.bench_profile --what attn --mask ...`): causal 1.9-2.2 ms; window 512 as a
     boolean mask 4.4 ms and 2.1 GiB (MLX turns it into a (B, H, T, T) additive array), as a (T, T)
