@@ -226,6 +226,12 @@ class RustBPETokenizer:
 # token_bytes: how many UTF-8 bytes each token stands for (0 for special tokens), so that a loss in
 # nats per token becomes bits per byte, comparable across vocabularies.
 
+def tokenizer_fingerprint(tokenizer):
+    """What two processes compare to know they hold the same tokenizer (each Mac of a data-parallel
+    run loads it from its own disk): the vocabulary size and the ids of a sample with non-ASCII text."""
+    return [tokenizer.get_vocab_size(), tokenizer.encode("mlxchat: 2 Macs, 1 model. Ünïcödé ok?")]
+
+
 def compute_token_bytes(tokenizer):
     specials = set(tokenizer.get_special_tokens())
     special_ids = {tokenizer.encode_special(s) for s in specials}

@@ -256,7 +256,7 @@ def main(argv=None):
         print0(f"data parallel: {world_size} processes (mx.distributed, backend {args.dist_backend}); each reads 1/{world_size} "
                f"of the row groups, gradients are averaged before every step")
 
-    from mlxchat.tokenizer import get_tokenizer, get_token_bytes
+    from mlxchat.tokenizer import get_tokenizer, get_token_bytes, tokenizer_fingerprint
     from mlxchat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader
     from mlxchat.dataloader import join_loader_state, split_loader_state
     from mlxchat.loss_eval import evaluate_bpb
@@ -266,7 +266,7 @@ def main(argv=None):
     vocab_size = tokenizer.get_vocab_size()
     print0(f"vocab size: {vocab_size:,}")
     # every Mac loads the tokenizer from its own disk: a different one would train on different token ids
-    check_same_on_all_ranks([vocab_size, tokenizer.encode("mlxchat: 2 Macs, 1 model. Ünïcödé ok?")], "the tokenizer")
+    check_same_on_all_ranks(tokenizer_fingerprint(tokenizer), "the tokenizer")
 
     config = build_model_meta(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern, vocab_size)
     print0(f"model config: {json.dumps(config.to_dict())}")

@@ -382,7 +382,7 @@ def main(argv=None):
     from mlxchat.checkpoint_manager import SOURCE_DIRS, load_optimizer_state, save_training_checkpoint
     from mlxchat.loss_eval import evaluate_bpb
     from mlxchat.report import get_report, log_metrics
-    from mlxchat.tokenizer import get_token_bytes
+    from mlxchat.tokenizer import get_token_bytes, tokenizer_fingerprint
     from scripts.base_train import Trainer
 
     if world_size > 1:
@@ -432,8 +432,8 @@ def main(argv=None):
         # every rank built the mixture from its own disk (a first run downloads it on each): they must agree,
         # or the ranks' shares would overlap and miss conversations
         barrier("loading the SFT mixture", timeout=10 * args.dist_timeout)
-        check_same_on_all_ranks([tokenizer.get_vocab_size(), tokenizer.encode("mlxchat: 2 Macs, 1 model. Ünïcödé ok?"),
-                                 len(train_set), len(val_set)], "the tokenizer or the SFT mixture")
+        check_same_on_all_ranks(tokenizer_fingerprint(tokenizer) + [len(train_set), len(val_set)],
+                                "the tokenizer or the SFT mixture")
     train_loader = sft_data_generator_bos_bestfit(train_set, tokenizer, B, T, rank=rank, world_size=world_size)
     data_state = {"consumed": 0, "epoch": 1, "skipped": 0}
 
