@@ -45,10 +45,11 @@ def parquet_listing_url(repo_id, subset, split):
     return f"{hub_url()}/api/datasets/{repo_id}/parquet/{subset}/{split}"
 
 
-def task_data_dir(repo_id, subset, split):
-    """Where the shards of one split live: {base_dir}/task_data/org--name/subset/split (nanochat's layout)."""
+def task_data_dir(repo_id, subset, split, base_dir=None):
+    """Where the shards of one split live: {base_dir}/task_data/org--name/subset/split (nanochat's layout);
+    base_dir defaults to get_base_dir()."""
     slug = repo_id.replace("/", "--")
-    return os.path.join(get_base_dir(), "task_data", slug, subset, split)
+    return os.path.join(base_dir or get_base_dir(), "task_data", slug, subset, split)
 
 
 class HubDataset:

