@@ -33,7 +33,8 @@ Predictions, written before measuring (fp32 on the CPU, d12, B=2, T=2048, so B*T
   CE 0.7-1.0 GiB (two fp32 (2048, 32768) arrays kept = 0.5 GiB, plus the backward's transients);
   blockwise attention 0.6-0.7 GiB (12 layers x (1, 6, 2048, 2048) bf16 = 0.56 GiB, plus transients).
 
-Measured (Linux CPU, 2 shared cores, MLX 0.32.4; peak GiB incl. 1.07 GiB fp32 / 0.74 GiB bf16 weights;
+Measured (Linux CPU, 2 shared cores, MLX 0.32.4, with the model as of session 1: before relu^2's custom
+VJP and the fused QKV projection, which lower these peaks further; peak GiB incl. 1.07 GiB fp32 / 0.74 GiB bf16 weights;
 "throttled" = --throttle, the schedule's own peak without MLX's run-ahead):
 
     fp32 B=2                      default  saving   throttled  saving   time (default)

@@ -24,7 +24,7 @@ import mlxchat  # noqa: F401
 import mlx.core as mx
 
 from mlxchat.common import device_name, dtype_name, get_compute_dtype
-from scripts.bench_train import add_model_args
+from scripts.bench_train import add_model_args, build_trainer, random_batch
 
 # kernel name -> category, first match wins (MLX's CUDA kernel names, cuBLAS/cuDNN's)
 CATEGORIES = [
@@ -101,20 +101,6 @@ def summarize(kernels, wall, repeats, top=30):
             "top": [{"name": n, "ms": us / 1e3, "launches": c // max(repeats, 1)} for n, (us, c) in rows[:100]]}
 
 
-def setup_train(args):
-    from mlxchat.gpt import GPT
-    from scripts.base_train import Trainer, build_model_meta
-    config = build_model_meta(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern, args.vocab_size)
-    model = GPT(config)
-    mx.eval(model.parameters())
-    optimizer = model.setup_optimizer(weight_decay=0.1)
-    trainer = Trainer(model, optimizer, 1, args.grad_checkpoint)
-    x = mx.random.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1)).astype(mx.int32)
-    mx.eval(x)
-    batch = (x[:, :-1], x[:, 1:])
-    return model, optimizer, trainer, batch
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--what", default="train", choices=["train", "fwdbwd", "optim", "decode", "attn"])
@@ -123,7 +109,6 @@ def main(argv=None):
                         "mask (additive), by kernels.banded_attention (banded) or kernels.attention (blockwise)")
     p.add_argument("--window", type=int, default=512, help="attn: window size (nanochat's S layers at T=2048: 512)")
     add_model_args(p)
-    p.add_argument("--grad-checkpoint", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=1, help="decode: rows")
     p.add_argument("--prompt-tokens", type=int, default=512, help="decode: context before the profiled steps")
     p.add_argument("--warmup", type=int, default=3)
@@ -134,7 +119,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     if args.what in ("train", "fwdbwd", "optim"):
-        model, optimizer, trainer, batch = setup_train(args)
+        model, optimizer, trainer = build_trainer(args)
+        batch = random_batch(args)
         if args.what == "train":
             def fn():
                 trainer.step(lambda: batch)

@@ -27,26 +27,37 @@ def add_model_args(p):
     p.add_argument("--window-pattern", default="SSSL")
     p.add_argument("--vocab-size", type=int, default=32768)
     p.add_argument("--device-batch-size", type=int, default=16)
+    p.add_argument("--grad-checkpoint", type=int, default=0)
+
+
+def build_trainer(args, grad_accum=1):
+    """A random-init model of the flags' shape, nanochat's optimizer and the compiled training step."""
+    config = build_model_meta(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern, args.vocab_size)
+    model = GPT(config)
+    mx.eval(model.parameters())
+    optimizer = model.setup_optimizer(weight_decay=0.1)
+    return model, optimizer, Trainer(model, optimizer, grad_accum, args.grad_checkpoint)
+
+
+def random_batch(args):
+    """(inputs, targets) of random tokens, one micro-batch of the flags' shape."""
+    x = mx.random.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1)).astype(mx.int32)
+    mx.eval(x)
+    return x[:, :-1], x[:, 1:]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--grad-checkpoint", type=int, default=0)
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     args = p.parse_args(argv)
 
-    config = build_model_meta(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern, args.vocab_size)
     B, T = args.device_batch_size, args.max_seq_len
-    model = GPT(config)
-    mx.eval(model.parameters())
-    optimizer = model.setup_optimizer(weight_decay=0.1)
-    trainer = Trainer(model, optimizer, args.grad_accum, args.grad_checkpoint)
-    xs = [mx.random.randint(0, args.vocab_size, (B, T + 1)).astype(mx.int32) for _ in range(2)]
-    mx.eval(xs)
-    batches = [(x[:, :-1], x[:, 1:]) for x in xs]
+    model, optimizer, trainer = build_trainer(args, args.grad_accum)
+    config = model.config
+    batches = [random_batch(args) for _ in range(2)]
     counter = [0]
 
     def next_batch():
