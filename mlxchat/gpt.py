@@ -16,6 +16,7 @@ Storage dtypes: matrices and scalars are float32 masters, cast to the activation
 matmul; wte and value embeddings are stored in the compute dtype (bf16 on GPU backends).
 """
 import math
+import os
 from dataclasses import dataclass, asdict
 
 import mlx.core as mx
@@ -23,7 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from mlxchat import kernels
-from mlxchat.common import get_compute_dtype
+from mlxchat.common import get_compute_dtype, gpu_kind
 
 # torch.finfo(torch.float32).eps: F.rms_norm(eps=None) uses it, also for bf16 inputs
 RMS_EPS = 1.1920929e-07
@@ -51,6 +52,51 @@ class GPTConfig:
 def norm(x):
     # RMSNorm with no learnable weight; MLX accumulates in fp32 and returns x.dtype, like F.rms_norm
     return mx.fast.rms_norm(x, None, RMS_EPS)
+
+
+def recompute_backward():
+    """Whether training uses the custom VJPs below that keep fewer activations for the backward pass
+    (train_norm, rotary_qk_norm, relu_squared_matmul), or MLX's autodiff. MLXCHAT_RECOMPUTE=on|off
+    forces it. The rule, from measurements:
+    - CPU (the Metal proxy for memory) and Metal: on. On the CPU, fp32, d12 width, T = 512 (blockwise
+      attention): 24 -> 11 (B, T, C) arrays kept per layer.
+    - CUDA: off. A first version (fp32 math in the backward, recomputations that MLX could schedule
+      before the backward reached them) made the H100's d12 step slower (127 -> 151 ms) and its peak
+      higher (28.2 -> 32.3 GiB); this version is not yet measured there."""
+    choice = os.environ.get("MLXCHAT_RECOMPUTE", "auto").strip().lower() or "auto"
+    assert choice in ("auto", "on", "off"), f"MLXCHAT_RECOMPUTE={choice!r}: expected auto, on or off"
+    if choice != "auto":
+        return choice == "on"
+    return gpu_kind() != "cuda"
+
+
+def _rms_norm_backward(y, rstd, g):
+    # y = x * rstd, rstd = (mean(x^2) + eps)^-1/2  =>  dx = rstd * (g - y * mean(g * y)), in fp32
+    # (grouped like MLX's own rms_norm VJP, which computes g*n - (x*mean(g*x))*n^3 from the input)
+    g, y = g.astype(mx.float32), y.astype(mx.float32)
+    return g * rstd - (y * mx.mean(g * y, axis=-1, keepdims=True)) * rstd
+
+
+@mx.custom_function
+def _norm_with_rstd(x):
+    rstd = mx.rsqrt(mx.mean(mx.square(x.astype(mx.float32)), axis=-1, keepdims=True) + RMS_EPS)
+    return norm(x), rstd
+
+
+@_norm_with_rstd.vjp
+def _norm_with_rstd_vjp(x, cotangents, outputs):
+    y, rstd = outputs
+    return _rms_norm_backward(y, rstd, cotangents[0]).astype(x.dtype)
+
+
+def train_norm(x):
+    """norm(x) whose backward keeps its OUTPUT (and one fp32 scalar per row) instead of its input:
+    the output is kept anyway by the matmul that consumes it, so the input (a residual-stream
+    array nothing else keeps) can be freed: one (B, T, C) array less per norm in training.
+    (The backward then uses the output, as a memory-efficient LayerNorm does.)"""
+    if not recompute_backward():
+        return norm(x)
+    return _norm_with_rstd(x)[0]
 
 
 def has_ve(layer_idx, n_layer):
@@ -87,16 +133,49 @@ def attention_mask(t_q, t_k, offset, window, dtype):
 
 
 @mx.custom_function
+def rotary_qk_norm(qk, cos, sin):
+    """QK norm (per head) of the rotated q and k, then both scaled by 1.2 ("sharper attention").
+    The backward recomputes the rotation from qk (kept anyway: it is a view of the QKV projection's
+    output) instead of keeping the rotated and the normed arrays: two (B, T, H+Hkv, D) arrays less
+    per layer, for one more rotation (a cheap elementwise pass) in the backward."""
+    return _rotary_qk_norm_plain(qk, cos, sin)
+
+
+def _rotary_qk_norm_plain(qk, cos, sin):
+    return norm(apply_rotary_emb(qk, cos, sin)) * 1.2
+
+
+@rotary_qk_norm.vjp
+def _rotary_qk_norm_vjp(primals, cotangent, output):
+    qk, cos, sin = primals
+    # recompute once the cotangent exists: MLX schedules a graph breadth first, so a recomputation
+    # that depends only on forward arrays could otherwise run early, every layer's at once
+    qk = mx.depends(qk, cotangent)
+    # then exactly autodiff's backward of the forward (MLX's fused rms_norm VJP, in qk's dtype)
+    _, (dqk,) = mx.vjp(lambda a: _rotary_qk_norm_plain(a, cos, sin), [qk], [cotangent])
+    return dqk, mx.zeros_like(cos), mx.zeros_like(sin)
+
+
 def relu_squared(x):
     return mx.square(mx.maximum(x, 0))
 
 
-@relu_squared.vjp
-def _relu_squared_vjp(x, cotangent, output):
-    # d/dx relu(x)^2 = 2 relu(x). Autodiff of square(maximum(x, 0)) would keep relu(x), a third
-    # (B, T, 4C) array beside x and the output, alive for the backward; this keeps only x.
-    # (A one-argument custom function gets its primal and cotangent as bare arrays.)
-    return cotangent * (2 * mx.maximum(x, 0))
+@mx.custom_function
+def relu_squared_matmul(h, w):
+    """relu(h)^2 @ w.T, the MLP's second half, for w already in h's dtype. Its backward recomputes
+    relu(h)^2 from h (a cheap elementwise pass) instead of keeping it: autodiff would keep both h
+    and relu(h)^2 (for w's gradient), two (B, T, 4C) arrays per layer; this keeps h alone."""
+    return relu_squared(h) @ w.T
+
+
+@relu_squared_matmul.vjp
+def _relu_squared_matmul_vjp(primals, cotangent, output):
+    h, w = primals
+    h = mx.depends(h, cotangent)  # recompute once the cotangent exists (see rotary_qk_norm)
+    a = relu_squared(h)
+    dw = cotangent.reshape(-1, cotangent.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+    dh = (cotangent @ w) * (2 * mx.maximum(h, 0))  # d/dh relu(h)^2 = 2 relu(h)
+    return dh, dw
 
 
 class Linear(nn.Linear):
@@ -135,8 +214,7 @@ class CausalSelfAttention(nn.Module):
             # math as three projections, in a third of the kernels (a decode step is launch-bound)
             # and one backward matmul for dx instead of three plus two adds
             w = mx.concatenate([self.c_q.weight, self.c_k.weight, self.c_v.weight]).astype(x.dtype)
-            qk, v = mx.split(x @ w.T, [(H + Hkv) * D], axis=-1)  # (split: see apply_rotary_emb)
-            qk, v = qk.reshape(B, T, H + Hkv, D), v.reshape(B, T, Hkv, D)
+            qk, v = mx.split((x @ w.T).reshape(B, T, H + 2 * Hkv, D), [H + Hkv], axis=2)  # (split: see apply_rotary_emb)
         else:  # quantized projections (inference)
             qk = mx.concatenate([self.c_q(x).reshape(B, T, H, D), self.c_k(x).reshape(B, T, Hkv, D)], axis=2)
             v = self.c_v(x).reshape(B, T, Hkv, D)
@@ -145,7 +223,7 @@ class CausalSelfAttention(nn.Module):
             ve = ve.reshape(B, T, Hkv, D)
             gate = 3 * mx.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate[..., None] * ve
-        qk = norm(apply_rotary_emb(qk, cos, sin)) * 1.2  # QK norm (per head), then "sharper attention"
+        qk = (rotary_qk_norm if recompute_backward() else _rotary_qk_norm_plain)(qk, cos, sin)
         # MLX's attention wants (B, heads, T, D)
         qk, v = qk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q, k = mx.split(qk, [H], axis=1)
@@ -177,7 +255,10 @@ class MLP(nn.Module):
         self.c_proj = Linear(4 * config.n_embd, config.n_embd)
 
     def __call__(self, x):
-        return self.c_proj(relu_squared(self.c_fc(x)))
+        h = self.c_fc(x)
+        if type(self.c_proj) is Linear and recompute_backward():
+            return relu_squared_matmul(h, self.c_proj.weight.astype(h.dtype))
+        return self.c_proj(relu_squared(h))
 
 
 class Block(nn.Module):
@@ -187,8 +268,10 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def __call__(self, x, ve, cos, sin, window, kv_cache=None, masks=None):
-        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache, masks)
-        x = x + self.mlp(norm(x))
+        # training keeps each norm's output instead of its input; decoding wants the fewest kernels
+        nrm = norm if kv_cache is not None else train_norm
+        x = x + self.attn(nrm(x), ve, cos, sin, window, kv_cache, masks)
+        x = x + self.mlp(nrm(x))
         return x
 
 
@@ -387,8 +470,9 @@ class GPT(nn.Module):
             cos, sin = self._cos[:, T0:T0 + T], self._sin[:, T0:T0 + T]
         dtype = get_compute_dtype()
 
+        nrm = norm if kv_cache is not None else train_norm  # (see Block)
         x = self.transformer["wte"](idx).astype(dtype)
-        x = norm(x)
+        x = nrm(x)
         # smear: mix the previous token's (pre-smear) embedding into each token, gated by the current one
         if kv_cache is None or T > 1:
             if kv_cache is not None:
@@ -422,7 +506,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = x - self.backout_lambda.astype(x.dtype) * x_backout
-        x = norm(x)
+        x = nrm(x)
 
         if targets is None:
             return self.logits(x)

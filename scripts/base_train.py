@@ -150,7 +150,10 @@ def derive_hyperparameters(args, model, vocab_size, world_size=1):
 
 class Trainer:
     """Compiled forward+backward per micro-batch, gradient accumulation, compiled optimizer step.
-    One mx.eval per micro-batch keeps memory bounded to one micro-batch of activations."""
+    Each micro-batch is queued with mx.async_eval as soon as it is built: the device starts on it
+    while the host fetches the next batch and builds the next graph (the optimizer's ~400 ops
+    included), so that host work hides behind device work instead of adding to the step. The device
+    runs the queue in order, so memory stays bounded to about one micro-batch of activations."""
 
     def __init__(self, model, optimizer, grad_accum_steps, grad_checkpoint=False, grad_reduce=None):
         self.model, self.optimizer, self.grad_accum_steps = model, optimizer, grad_accum_steps
@@ -172,7 +175,7 @@ class Trainer:
             loss, grads = self._fwd_bwd(x, y)
             acc = self._first(grads) if acc is None else self._accumulate(acc, grads)
             losses.append(loss)
-            mx.eval(acc, loss)  # bounds memory to one micro-batch; also the moment data loading overlaps
+            mx.async_eval(acc, loss)
         if self.grad_reduce is not None:
             acc = self.grad_reduce(acc)
         self.optimizer.step(self.model, acc)

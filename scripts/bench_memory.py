@@ -10,6 +10,7 @@ gradients are counted in the peak (as in a training step); the optimizer is not.
 
 --ce:   chunked   = mlxchat.kernels.linear_cross_entropy (lm_head + softcap + CE in row chunks, custom VJP)
         reference = the plain formula (full (B*T, V) fp32 logits, MLX autograd)
+--recompute: on/off = gpt.recompute_backward's custom VJPs (keep fewer activations) or MLX's autodiff
 --attn: sdpa      = mx.fast.scaled_dot_product_attention with MLX's own VJP
         blockwise = mlxchat.kernels.attention's custom VJP (query-block recompute in the backward)
         banded    = mlxchat.kernels.banded_attention (window layers as one fused call on the diagonal band)
@@ -48,6 +49,12 @@ VJP and the fused QKV projection, which lower these peaks further; peak GiB incl
     reference CE, blockwise        3.306   0.654
     chunked CE,   blockwise        2.912   1.048      2.426    1.213     487 s
 
+Session 3 (2026-11-24), gpt.recompute_backward's custom VJPs, fp32 on the CPU, d12 B=4 T=2048
+(the issue's CPU configuration; `--batch 4 --recompute off|on`): peak 9.932 -> 7.506 GiB (weights
+1.066 GiB included), the same loss, 146 -> 141 s. Predicted: ~10 (B, T, C) arrays per layer fewer
+(2 norm inputs, the rotated and the normed q/k = 2 x 2, relu^2's output = 4) = 3.0 GiB; measured
+2.43 GiB = 8.6 per layer.
+
 The CE saving came in under the prediction (the reference's backward transients overlap less
 with the peak than assumed); the attention saving is as predicted.
 """
@@ -64,7 +71,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from mlxchat.common import dtype_name, get_compute_dtype, gpu_kind
-from mlxchat.gpt import GPT, GPTConfig, compute_window_sizes
+from mlxchat.gpt import GPT, GPTConfig, compute_window_sizes, recompute_backward
 from mlxchat import kernels
 
 GIB = 2 ** 30
@@ -75,6 +82,7 @@ def measure(args):
     # bench_train and base_train can be A/B'd the same way
     os.environ["MLXCHAT_CE"] = args.ce
     os.environ["MLXCHAT_ATTENTION"] = args.attn
+    os.environ["MLXCHAT_RECOMPUTE"] = args.recompute
     config = GPTConfig(sequence_len=args.seq, vocab_size=args.vocab_size, n_layer=args.depth,
                        n_head=args.n_head, n_kv_head=args.n_kv_head, n_embd=args.n_embd,
                        window_pattern=args.window_pattern)
@@ -107,7 +115,7 @@ def measure(args):
     grad_bytes = sum(g.nbytes for _, g in tree_flatten(grads))
     result = {
         "backend": str(mx.default_device()), "dtype": dtype_name(get_compute_dtype()),
-        "ce": args.ce, "attn": args.attn,
+        "ce": args.ce, "attn": args.attn, "recompute": recompute_backward(),
         # what each distinct layer window gets (on CUDA the rule differs between S and L layers)
         "attn_rule": " ".join(f"w{w}:" + kernels.attention_impl(args.batch, config.n_head, args.seq, config.n_embd // config.n_head,
                                                                 get_compute_dtype(), w, args.attn)
@@ -121,7 +129,7 @@ def measure(args):
         # what the step itself adds on top of the weights: activations, transients, gradients
         "step_peak_gib": round((peak - base) / GIB, 3),
     }
-    print(f"{result['dtype']} ce={args.ce} attn={args.attn} ({result['attn_rule']}): peak {result['peak_gib']:.3f} GiB "
+    print(f"{result['dtype']} ce={args.ce} attn={args.attn} ({result['attn_rule']}) recompute={result['recompute']}: peak {result['peak_gib']:.3f} GiB "
           f"(weights {result['weights_gib']:.3f} + step {result['step_peak_gib']:.3f}), loss {result['loss']:.4f}, "
           f"{result['seconds']:.1f} s", flush=True)
     return result
@@ -158,6 +166,8 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--ce", choices=["auto", "chunked", "reference"], default="auto")
     p.add_argument("--attn", choices=["auto", "sdpa", "banded", "blockwise"], default="auto")
+    p.add_argument("--recompute", choices=["auto", "on", "off"], default="auto",
+                   help="the memory-saving custom VJPs of gpt.py (norms, rotary + QK norm, relu^2 + projection): gpt.recompute_backward")
     p.add_argument("--grad-checkpoint", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-compile", action="store_true")

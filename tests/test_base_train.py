@@ -31,9 +31,17 @@ def _fp32(monkeypatch):
     monkeypatch.setenv("MLXCHAT_DTYPE", "float32")
 
 
-def test_reproduces_reference_training_run(fixture_dir, cases, expected):
+@pytest.mark.parametrize("recompute", ["off", "on"])
+def test_reproduces_reference_training_run(fixture_dir, cases, expected, recompute, monkeypatch):
     """From model_000000: the two fixture steps, then 60 steps on the fixture loader (B=4, T=256,
-    no schedule), through the real Trainer (compiled forward/backward + MuonAdamW)."""
+    no schedule), through the real Trainer (compiled forward/backward + MuonAdamW), with MLX's
+    autodiff and with the memory-saving custom VJPs (gpt.recompute_backward; on by default here)."""
+    monkeypatch.setenv("MLXCHAT_RECOMPUTE", recompute)
+    # After 62 steps float rounding differences have grown, and how far depends on how closely our
+    # backward's rounding follows torch's, not on accuracy: the custom norm backward (gpt.train_norm,
+    # which works from the norm's output) is as accurate against a float64 gradient as autodiff's
+    # (8e-7 median relative error per tensor, both), yet ends 3x further from the reference run.
+    weight_tol, logit_tol = (2e-2, 5e-2) if recompute == "off" else (3e-2, 8e-2)
     model = GPT(GPTConfig(**cases["config"]))
     model.load_state_dict(load_torch_file(os.path.join(fixture_dir, "checkpoint", "model_000000.pt")))
     optimizer = model.setup_optimizer()
@@ -65,12 +73,11 @@ def test_reproduces_reference_training_run(fixture_dir, cases, expected):
     ref62 = load_torch_file(os.path.join(fixture_dir, "checkpoint", "model_000062.pt"))
     for k, v in model.named_parameters().items():
         err = np.linalg.norm(np.array(v) - np.array(ref62[k])) / np.linalg.norm(np.array(ref62[k]))
-        assert err < 2e-2, f"{k}: {err:.2e}"
+        assert err < weight_tol, f"{k}: {err:.2e}"
     logits = np.array(model(mx.array(expected["idx"])))
     ref_logits = expected["trained_logits"]
-    # after 62 steps float rounding differences have grown: the worst logit is off by ~3% of the
-    # largest, the typical one far less
-    assert np.abs(logits - ref_logits).max() / np.abs(ref_logits).max() < 5e-2
+    # the worst logit is off by 1% (autodiff) to 6% (custom VJPs) of the largest, the typical one far less
+    assert np.abs(logits - ref_logits).max() / np.abs(ref_logits).max() < logit_tol
     mean_err = np.abs(logits - ref_logits).mean() / np.abs(ref_logits).mean()
     assert mean_err < 5e-3, mean_err
 
