@@ -21,7 +21,7 @@ from dataclasses import dataclass, asdict
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from mlxchat import kernels
 from mlxchat.common import get_compute_dtype, gpu_kind
@@ -55,14 +55,15 @@ def norm(x):
 
 
 def recompute_backward():
-    """Whether training uses the custom VJPs below that keep fewer activations for the backward pass
-    (train_norm, rotary_qk_norm, relu_squared_matmul), or MLX's autodiff. MLXCHAT_RECOMPUTE=on|off
-    forces it. The rule, from measurements:
-    - CPU (the Metal proxy for memory) and Metal: on. On the CPU, fp32, d12 width, T = 512 (blockwise
-      attention): 24 -> 11 (B, T, C) arrays kept per layer.
+    """Whether training uses the custom VJPs below, which keep fewer activations for the backward
+    pass (train_norm, rotary_qk_norm, relu_squared_matmul) and compute each weight's (and lambda's)
+    gradient before handing the input gradient on (ordered_matmul, mix_residual), or MLX's autodiff.
+    MLXCHAT_RECOMPUTE=on|off forces it. The rule, from measurements:
+    - CPU (the Metal proxy for memory) and Metal: on. d12, micro-batch 4 x 2048, fp32 on the CPU
+      (`python -m scripts.bench_memory --batch 4 --recompute off|on`): peak 9.93 -> 6.92 GiB.
     - CUDA: off. A first version (fp32 math in the backward, recomputations that MLX could schedule
-      before the backward reached them) made the H100's d12 step slower (127 -> 151 ms) and its peak
-      higher (28.2 -> 32.3 GiB); this version is not yet measured there."""
+      before the backward reached them, no ordering) made the H100's d12 step slower (127 -> 151 ms)
+      and its peak higher (28.2 -> 32.3 GiB); this version is not yet measured there."""
     choice = os.environ.get("MLXCHAT_RECOMPUTE", "auto").strip().lower() or "auto"
     assert choice in ("auto", "on", "off"), f"MLXCHAT_RECOMPUTE={choice!r}: expected auto, on or off"
     if choice != "auto":
@@ -175,7 +176,49 @@ def _relu_squared_matmul_vjp(primals, cotangent, output):
     a = relu_squared(h)
     dw = cotangent.reshape(-1, cotangent.shape[-1]).T @ a.reshape(-1, a.shape[-1])
     dh = (cotangent @ w) * (2 * mx.maximum(h, 0))  # d/dh relu(h)^2 = 2 relu(h)
-    return dh, dw
+    return mx.depends(dh, dw), dw  # w's gradient first (see ordered_matmul)
+
+
+@mx.custom_function
+def ordered_matmul(x, w):
+    """x @ w.T (w already in x's dtype) whose backward computes w's gradient BEFORE handing x's
+    gradient on. The math is autodiff's; the order is not. MLX evaluates the backward from the
+    gradients it was asked for; the input gradient continues the chain down the network while each
+    weight gradient is a side branch, and nothing makes that branch run early: so every layer's
+    weight-gradient inputs (the cotangent and the saved input, (B, T, C) arrays) stayed alive until
+    the end of the backward. Measured on the CPU: ~8 such arrays per layer of extra peak."""
+    return x @ w.T
+
+
+@ordered_matmul.vjp
+def _ordered_matmul_vjp(primals, cotangent, output):
+    x, w = primals
+    dw = cotangent.reshape(-1, cotangent.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    return mx.depends(cotangent @ w, dw), dw
+
+
+@mx.custom_function
+def mix_residual(x, x0, a, b):
+    """a * x + b * x0, the per-layer residual/x0 mix, with its scalars' gradients (sums over every
+    token) computed before x's gradient is handed on (see ordered_matmul): otherwise each layer's
+    cotangent waits, alive, for the end of the backward."""
+    return a * x + b * x0
+
+
+@mix_residual.vjp
+def _mix_residual_vjp(primals, cotangent, output):
+    x, x0, a, b = primals
+    da = mx.sum(cotangent * x).reshape(a.shape)
+    db = mx.sum(cotangent * x0).reshape(b.shape)
+    return mx.depends(a * cotangent, [da, db]), b * cotangent, da, db
+
+
+def project(x, w):
+    """x @ w.T for training graphs (ordered_matmul when recompute_backward() is on); a decode step
+    (one token per row) keeps the plain matmul: the fewest graph nodes."""
+    if x.ndim >= 2 and x.shape[-2] > 1 and recompute_backward():
+        return ordered_matmul(x, w)
+    return x @ w.T
 
 
 class Linear(nn.Linear):
@@ -186,7 +229,7 @@ class Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
 
     def __call__(self, x):
-        return x @ self.weight.astype(x.dtype).T
+        return project(x, self.weight.astype(x.dtype))
 
 
 class CausalSelfAttention(nn.Module):
@@ -214,7 +257,7 @@ class CausalSelfAttention(nn.Module):
             # math as three projections, in a third of the kernels (a decode step is launch-bound)
             # and one backward matmul for dx instead of three plus two adds
             w = mx.concatenate([self.c_q.weight, self.c_k.weight, self.c_v.weight]).astype(x.dtype)
-            qk, v = mx.split((x @ w.T).reshape(B, T, H + 2 * Hkv, D), [H + Hkv], axis=2)  # (split: see apply_rotary_emb)
+            qk, v = mx.split(project(x, w).reshape(B, T, H + 2 * Hkv, D), [H + Hkv], axis=2)  # (split: see apply_rotary_emb)
         else:  # quantized projections (inference)
             qk = mx.concatenate([self.c_q(x).reshape(B, T, H, D), self.c_k(x).reshape(B, T, Hkv, D)], axis=2)
             v = self.c_v(x).reshape(B, T, Hkv, D)
@@ -273,6 +316,40 @@ class Block(nn.Module):
         x = x + self.attn(nrm(x), ve, cos, sin, window, kv_cache, masks)
         x = x + self.mlp(nrm(x))
         return x
+
+
+def checkpointed_block(block, x, ve, cos, sin, window):
+    """block(x, ...) whose backward recomputes the block's forward instead of keeping its activations
+    (--grad-checkpoint 1): only the block's inputs stay alive between the forward and the backward.
+    Not nn.utils.checkpoint: MLX schedules a graph breadth first, and a recomputation that depends
+    only on forward arrays may then run long before the backward reaches its block, every block's
+    at once, which keeps everything it meant to free (measured on the CPU, compiled, d12 width: the
+    peak grew FASTER with depth than without checkpointing). Here the recomputation's input waits
+    for the block's cotangent (mx.depends), so one block's activations exist at a time."""
+    names, params = zip(*tree_flatten(block.trainable_parameters()))
+    extra = [] if ve is None else [ve]
+
+    def run(flat_params, x, extra):
+        block.update(tree_unflatten(list(zip(names, flat_params))))
+        return block(x, extra[0] if extra else None, cos, sin, window, None)
+
+    @mx.custom_function
+    def forward(flat_params, x, extra):
+        return run(flat_params, x, extra)
+
+    @forward.vjp
+    def backward(primals, cotangent, output):
+        flat_params, x, extra = primals
+        x = mx.depends(x, cotangent)
+        current = tree_flatten(block.trainable_parameters())
+        n, flat = len(flat_params), list(flat_params) + [x] + list(extra)
+        _, vjps = mx.vjp(lambda *a: [run(a[:n], a[n], a[n + 1:])], flat, [cotangent])
+        block.update(tree_unflatten(current))
+        return list(vjps[:n]), vjps[n], list(vjps[n + 1:])
+
+    out = forward(list(params), x, extra)
+    block.update(tree_unflatten(list(zip(names, params))))  # the real parameters back in the module
+    return out
 
 
 def compute_window_sizes(config):
@@ -494,11 +571,14 @@ class GPT(nn.Module):
         # Slices [i:i+1], not [i]: an integer index is a gather kernel (and a scatter in the backward).
         resid_l, x0_l = self.resid_lambdas.astype(x.dtype), self.x0_lambdas.astype(x.dtype)
         for i, block in enumerate(self.transformer["h"]):
-            x = resid_l[i:i + 1] * x + x0_l[i:i + 1] * x0
+            if kv_cache is None and recompute_backward():
+                x = mix_residual(x, x0, resid_l[i:i + 1], x0_l[i:i + 1])
+            else:
+                x = resid_l[i:i + 1] * x + x0_l[i:i + 1] * x0
             ve = self.value_embeds[str(i)](idx).astype(x.dtype) if str(i) in self.value_embeds else None
             if self.grad_checkpoint and kv_cache is None:
                 # recompute the block in the backward pass instead of keeping its activations
-                x = nn.utils.checkpoint(block)(x, ve, cos, sin, self.window_sizes[i], None)
+                x = checkpointed_block(block, x, ve, cos, sin, self.window_sizes[i])
             else:
                 x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache, masks)
             if i == L // 2:

@@ -53,7 +53,9 @@ Session 3 (2026-11-24), gpt.recompute_backward's custom VJPs, fp32 on the CPU, d
 (the issue's CPU configuration; `--batch 4 --recompute off|on`): peak 9.932 -> 7.506 GiB (weights
 1.066 GiB included), the same loss, 146 -> 141 s. Predicted: ~10 (B, T, C) arrays per layer fewer
 (2 norm inputs, the rotated and the normed q/k = 2 x 2, relu^2's output = 4) = 3.0 GiB; measured
-2.43 GiB = 8.6 per layer.
+2.43 GiB = 8.6 per layer. Then each weight gradient (and the lambdas') ordered before the input
+gradient (gpt.ordered_matmul, gpt.mix_residual): 6.919 GiB, 144 s; with --grad-checkpoint 1 (now
+gpt.checkpointed_block): 3.333 GiB, 150 s (with nn.utils.checkpoint it had been 7.506 GiB: no saving).
 
 The CE saving came in under the prediction (the reference's backward transients overlap less
 with the peak than assumed); the attention saving is as predicted.
