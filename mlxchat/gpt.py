@@ -161,6 +161,11 @@ def relu_squared(x):
     return mx.square(mx.maximum(x, 0))
 
 
+def _weight_grad(cotangent, x):
+    # the gradient of w in x @ w.T: cotangent^T x over every leading (batch, time) position
+    return cotangent.reshape(-1, cotangent.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+
+
 @mx.custom_function
 def relu_squared_matmul(h, w):
     """relu(h)^2 @ w.T, the MLP's second half, for w already in h's dtype. Its backward recomputes
@@ -173,8 +178,7 @@ def relu_squared_matmul(h, w):
 def _relu_squared_matmul_vjp(primals, cotangent, output):
     h, w = primals
     h = mx.depends(h, cotangent)  # recompute once the cotangent exists (see rotary_qk_norm)
-    a = relu_squared(h)
-    dw = cotangent.reshape(-1, cotangent.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+    dw = _weight_grad(cotangent, relu_squared(h))
     dh = (cotangent @ w) * (2 * mx.maximum(h, 0))  # d/dh relu(h)^2 = 2 relu(h)
     return mx.depends(dh, dw), dw  # w's gradient first (see ordered_matmul)
 
@@ -194,7 +198,7 @@ def ordered_matmul(x, w):
 @ordered_matmul.vjp
 def _ordered_matmul_vjp(primals, cotangent, output):
     x, w = primals
-    dw = cotangent.reshape(-1, cotangent.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    dw = _weight_grad(cotangent, x)
     return mx.depends(cotangent @ w, dw), dw
 
 
