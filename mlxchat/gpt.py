@@ -263,11 +263,18 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x, ve, cos, sin, window, kv_cache=None, masks=None):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
-        if all(type(m) is Linear for m in (self.c_q, self.c_k, self.c_v)):
+        fused = getattr(kv_cache, "qkv_weights", None)
+        if fused or all(type(m) is Linear for m in (self.c_q, self.c_k, self.c_v)):
             # one matmul for q, k and v, and one rotary + one norm for q and k together: the same
             # math as three projections, in a third of the kernels (a decode step is launch-bound)
-            # and one backward matmul for dx instead of three plus two adds
-            w = mx.concatenate([self.c_q.weight, self.c_k.weight, self.c_v.weight]).astype(x.dtype)
+            # and one backward matmul for dx instead of three plus two adds. The Engine hands its
+            # KV cache the concatenated weights once per generation: concatenating them at every
+            # decode step would read and write them again per token (+50% weight traffic per layer
+            # in a bandwidth-bound decode) and cost 3 copy kernels per layer.
+            if fused:
+                w = fused[self.layer_idx]
+            else:
+                w = mx.concatenate([self.c_q.weight, self.c_k.weight, self.c_v.weight]).astype(x.dtype)
             qk, v = mx.split(project(x, w).reshape(B, T, H + 2 * Hkv, D), [H + Hkv], axis=2)  # (split: see apply_rotary_emb)
         else:  # quantized projections (inference)
             qk = mx.concatenate([self.c_q(x).reshape(B, T, H, D), self.c_k(x).reshape(B, T, Hkv, D)], axis=2)
@@ -277,7 +284,15 @@ class CausalSelfAttention(nn.Module):
             ve = ve.reshape(B, T, Hkv, D)
             gate = 3 * mx.sigmoid(self.ve_gate(x[..., :VE_GATE_CHANNELS]))
             v = v + gate[..., None] * ve
-        qk = (rotary_qk_norm if recompute_backward() else _rotary_qk_norm_plain)(qk, cos, sin)
+        if cos is None:
+            # a decode step (one token per row at the cache's position): MLX's fused rope kernel.
+            # scale=-1 rotates by -theta, nanochat's sign (see apply_rotary_emb); with T = 1,
+            # (B, 1, heads, D) and (B, heads, 1, D) are the same memory, so the reshapes are free
+            qk = mx.fast.rope(qk.reshape(B, H + Hkv, 1, D), D, traditional=False, base=ROPE_BASE, scale=-1.0,
+                              offset=kv_cache.get_pos())
+            qk = norm(qk).reshape(B, 1, H + Hkv, D) * 1.2
+        else:
+            qk = (rotary_qk_norm if recompute_backward() else _rotary_qk_norm_plain)(qk, cos, sin)
         # MLX's attention wants (B, heads, T, D)
         qk, v = qk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q, k = mx.split(qk, [H], axis=1)
@@ -553,7 +568,12 @@ class GPT(nn.Module):
         B, T = idx.shape
         L = self.config.n_layer
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if isinstance(T0, mx.array):
+        if kv_cache is not None and T == 1:
+            # a decode step: the attention rotates q and k with mx.fast.rope at the cache position
+            # (one kernel, no table slicing)
+            assert isinstance(T0, mx.array) or T0 < self._rotary_len, f"sequence too long for the rotary table: {T0 + 1} > {self._rotary_len}"
+            cos = sin = None
+        elif isinstance(T0, mx.array):
             # a traced position (the engine's compiled decode step): slice the tables by value
             size = (1, T) + tuple(self._cos.shape[2:])
             cos, sin = mx.slice(self._cos, T0, (1,), size), mx.slice(self._sin, T0, (1,), size)

@@ -90,7 +90,7 @@ for prompt in "Who are you?" "Hello! How are you today?" "What is 12 times 7?" "
   echo
 done
 stage ""
-$PY -m mlxchat.report generate >/dev/null 2>&1 || true
+$PY -m mlxchat.report generate --copy-to "" >/dev/null 2>&1 || true  # (the report stays in the base dir)
 
 echo "[demo] finished in $(( $(date +%s) - demo_start )) s (install $(( start - demo_start )) s, stages$stage_times)."
 echo "Everything is under $MLXCHAT_BASE_DIR:"

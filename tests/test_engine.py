@@ -296,6 +296,14 @@ def test_compiled_steps_see_updated_weights(fixture_dir, cases, expected):
     after, _ = engine.generate_batch(prompt, max_tokens=8, temperature=0.0)
     eager, _ = Engine(model, NeverStopTokenizer(), compile=False).generate_batch(prompt, max_tokens=8, temperature=0.0)
     assert after == eager and after != before
+    # the same for the attention weights, which the Engine concatenates once per generation: a
+    # second generation must see new q/k/v weights (against the cache-free naive generation)
+    for block in model.transformer["h"]:
+        block.attn.c_v.weight = -block.attn.c_v.weight
+        block.attn.c_k.weight = 2.0 * block.attn.c_k.weight
+    changed, _ = engine.generate_batch(prompt, max_tokens=8, temperature=0.0)
+    naive = [int(t) for t in model.generate(prompt, max_tokens=8, temperature=0.0)]
+    assert changed[0][len(prompt):] == naive and changed != after
 
 
 def test_one_engine_per_thread(trained, expected):
