@@ -214,18 +214,11 @@ class Engine:
     def _fused_qkv_weights(self):
         """Per layer, the q, k and v projection weights concatenated (in the compute dtype), for one
         generation: built once per generate() call, not once per token, and so never stale when
-        the weights change between calls (RL samples from the model it trains). [] when a layer's
+        the weights change between calls (RL samples from the model it trains). None when a layer's
         projections are not plain Linear layers (quantized models): the attention handles those."""
-        from mlxchat.gpt import Linear
-        dtype = get_compute_dtype()
-        fused = []
         blocks = self.model.transformer["h"] if hasattr(self.model, "transformer") else []  # (or a test's stand-in)
-        for block in blocks:
-            a = block.attn
-            if not all(type(m) is Linear for m in (a.c_q, a.c_k, a.c_v)):
-                return []
-            fused.append(mx.concatenate([a.c_q.weight, a.c_k.weight, a.c_v.weight]).astype(dtype))
-        return fused
+        fused = [block.attn.qkv_weight(get_compute_dtype()) for block in blocks]
+        return fused if fused and all(w is not None for w in fused) else None
 
     def _compiled_step(self, span, greedy, top_k, use_top_p, fused):
         sig = (span, greedy, top_k, use_top_p, fused)
@@ -288,7 +281,7 @@ class Engine:
         cache = KVCache.for_model(self.model, num_samples, seq_len)
         cache.prefill(prefill_cache)
         del prefill_cache
-        cache.qkv_weights = self._fused_qkv_weights() or None
+        cache.qkv_weights = self._fused_qkv_weights()
         # the first token: an independent draw per row from the (shared) prompt logits
         key, sub = mx.random.split(key)
         logits = mx.broadcast_to(logits, (num_samples, logits.shape[-1]))

@@ -260,21 +260,25 @@ class CausalSelfAttention(nn.Module):
         if has_ve(layer_idx, config.n_layer):
             self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head)
 
+    def qkv_weight(self, dtype):
+        """The q, k and v projection weights as one (H + 2 Hkv) * D x C matrix in `dtype`, or None
+        when they are not plain Linear layers (quantized projections, inference)."""
+        if not all(type(m) is Linear for m in (self.c_q, self.c_k, self.c_v)):
+            return None
+        return mx.concatenate([self.c_q.weight, self.c_k.weight, self.c_v.weight]).astype(dtype)
+
     def __call__(self, x, ve, cos, sin, window, kv_cache=None, masks=None):
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
+        # one matmul for q, k and v, and one rotary + one norm for q and k together: the same math
+        # as three projections, in a third of the kernels (a decode step is launch-bound) and one
+        # backward matmul for dx instead of three plus two adds. The Engine hands its KV cache the
+        # concatenated weights once per generation: concatenating them at every decode step would
+        # read and write them again per token (+50% weight traffic per layer in a bandwidth-bound
+        # decode) and cost 3 copy kernels per layer.
         fused = getattr(kv_cache, "qkv_weights", None)
-        if fused or all(type(m) is Linear for m in (self.c_q, self.c_k, self.c_v)):
-            # one matmul for q, k and v, and one rotary + one norm for q and k together: the same
-            # math as three projections, in a third of the kernels (a decode step is launch-bound)
-            # and one backward matmul for dx instead of three plus two adds. The Engine hands its
-            # KV cache the concatenated weights once per generation: concatenating them at every
-            # decode step would read and write them again per token (+50% weight traffic per layer
-            # in a bandwidth-bound decode) and cost 3 copy kernels per layer.
-            if fused:
-                w = fused[self.layer_idx]
-            else:
-                w = mx.concatenate([self.c_q.weight, self.c_k.weight, self.c_v.weight]).astype(x.dtype)
+        w = fused[self.layer_idx] if fused else self.qkv_weight(x.dtype)
+        if w is not None:
             qk, v = mx.split(project(x, w).reshape(B, T, H + 2 * Hkv, D), [H + Hkv], axis=2)  # (split: see apply_rotary_emb)
         else:  # quantized projections (inference)
             qk = mx.concatenate([self.c_q(x).reshape(B, T, H, D), self.c_k(x).reshape(B, T, Hkv, D)], axis=2)
@@ -573,10 +577,6 @@ class GPT(nn.Module):
             # (one kernel, no table slicing)
             assert isinstance(T0, mx.array) or T0 < self._rotary_len, f"sequence too long for the rotary table: {T0 + 1} > {self._rotary_len}"
             cos = sin = None
-        elif isinstance(T0, mx.array):
-            # a traced position (the engine's compiled decode step): slice the tables by value
-            size = (1, T) + tuple(self._cos.shape[2:])
-            cos, sin = mx.slice(self._cos, T0, (1,), size), mx.slice(self._sin, T0, (1,), size)
         else:
             assert T0 + T <= self._rotary_len, f"sequence too long for the rotary table: {T0 + T} > {self._rotary_len}"
             cos, sin = self._cos[:, T0:T0 + T], self._sin[:, T0:T0 + T]
