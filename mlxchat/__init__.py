@@ -9,10 +9,16 @@ def _preload_openblas():
     # OpenBLAS with RTLD_GLOBAL *before* mlx is imported makes MLX's cblas_* symbols resolve to it,
     # without LD_PRELOAD. Metal and CUDA do not use the CPU BLAS for model math, so this is Linux
     # only; MLXCHAT_OPENBLAS=0 turns it off, MLXCHAT_OPENBLAS=/path/libopenblas.so.0 picks a library.
-    if not sys.platform.startswith("linux") or "mlx.core" in sys.modules:
-        return None
     choice = os.environ.get("MLXCHAT_OPENBLAS", "1")
-    if choice == "0":
+    if not sys.platform.startswith("linux") or choice == "0":
+        return None
+    if "mlx.core" in sys.modules:
+        # too late: MLX's BLAS symbols are already bound. Say so when the CPU does the model's math (a
+        # tiny training step measured 3 s instead of 0.3 s this way), not on a GPU, which does not use it
+        if sys.modules["mlx.core"].default_device() == sys.modules["mlx.core"].cpu:
+            import warnings
+            warnings.warn("mlx was imported before mlxchat, so MLX's CPU matrix products use the slow reference BLAS: "
+                          "import mlxchat first (or set MLXCHAT_OPENBLAS=0 to silence this)", stacklevel=3)
         return None
     candidates = [choice] if choice not in ("", "1") else [
         "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",

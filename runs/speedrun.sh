@@ -9,7 +9,7 @@
 # Options:
 #   --depth N          model depth (default 12); everything else derives from it
 #   --shards N         pretraining shards to download (default: enough for the depth's horizon)
-#   --memory-limit GB  memory budget for training (default: 75% of what MLX reports)
+#   --memory-limit GiB memory budget for training, MLX capped there (default: 75% of what MLX reports)
 #   --rl               also run chat_rl (GSM8K) after SFT
 #   --run NAME         wandb run name (default: dummy = off)
 #   --dry-run          print the stages and exit
@@ -71,10 +71,10 @@ if [ "$DRY" = "0" ]; then
 fi
 stage "pretrain d$DEPTH" $PY -m scripts.base_train --depth "$DEPTH" --device-batch-size auto "${MEMFLAG[@]}" --run "$RUN"
 stage "base model: CORE, bits per byte, samples" $PY -m scripts.base_eval --device-batch-size 8
-stage "SFT" $PY -m scripts.chat_sft --run "$RUN"
+stage "SFT" $PY -m scripts.chat_sft "${MEMFLAG[@]}" --run "$RUN"
 stage "chat eval (SFT)" $PY -m scripts.chat_eval -i sft
 if [ "$RL" = "1" ]; then
-  stage "RL on GSM8K" $PY -m scripts.chat_rl --run "$RUN"
+  stage "RL on GSM8K" $PY -m scripts.chat_rl "${MEMFLAG[@]}" --run "$RUN"
   stage "chat eval (RL)" $PY -m scripts.chat_eval -i rl -a GSM8K
 fi
 stage "report card" $PY -m mlxchat.report generate

@@ -5,6 +5,7 @@ and the optimizer's share of the step. The last line is JSON.
 
     python -m scripts.bench_train --depth 12 --device-batch-size 16 --max-seq-len 2048
     python -m scripts.bench_train --depth 4 --device-batch-size 4 --max-seq-len 512 --steps 5   # CPU-sized
+    python -m scripts.bench_train --depth 12 --grad-checkpoint 1 --memory-limit 13   # capped: see base_train --memory-limit
 """
 import argparse
 import json
@@ -13,7 +14,7 @@ import time
 import mlxchat  # noqa: F401
 import mlx.core as mx
 
-from mlxchat.common import device_name, dtype_name, get_compute_dtype, get_peak_flops
+from mlxchat.common import device_name, dtype_name, get_compute_dtype, get_peak_flops, memory_cap
 from mlxchat.gpt import GPT
 from scripts.base_train import Trainer, build_model_meta
 
@@ -52,8 +53,14 @@ def main(argv=None):
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--memory-limit", type=float, default=None,
+                   help="GiB: cap MLX's allocator as base_train --memory-limit does (default: MLX's own limit)")
     args = p.parse_args(argv)
+    with memory_cap(args.memory_limit):
+        return run(args)
 
+
+def run(args):
     B, T = args.device_batch_size, args.max_seq_len
     model, optimizer, trainer = build_trainer(args, args.grad_accum)
     config = model.config
@@ -112,7 +119,7 @@ def main(argv=None):
         "window_pattern": args.window_pattern,
         "step_ms": round(step_time * 1000, 2), "tokens_per_sec": round(tok_per_sec, 1),
         "tflops": round(flops / 1e12, 3), "mfu": round(100 * flops / peak_flops, 2) if peak_flops else None,
-        "peak_memory_gib": round(peak / 2 ** 30, 3),
+        "peak_memory_gib": round(peak / 2 ** 30, 3), "memory_limit_gib": args.memory_limit,
         "optimizer_ms": round(opt_time * 1000, 2), "optimizer_share": round(opt_time / step_time, 4),
         # in a step the optimizer is queued behind the backward, so its host work overlaps device work:
         # its cost in a step is the step minus forward+backward alone

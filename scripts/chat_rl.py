@@ -32,7 +32,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from mlxchat.common import StopOnCtrlC, format_duration, get_base_dir, init_wandb, print0
+from mlxchat.common import StopOnCtrlC, format_duration, get_base_dir, init_wandb, memory_cap, print0, warn_if_over_cap
 from mlxchat.schedules import get_rl_lr_multiplier
 from tasks.common import Task
 
@@ -48,6 +48,8 @@ def get_args(argv=None):
     p.add_argument("--num-steps", type=int, default=-1, help="optimizer steps (-1 = num_epochs x problems / examples_per_step)")
     # rollouts
     p.add_argument("--device-batch-size", type=int, default=8, help="samples generated / trained on at once")
+    p.add_argument("--memory-limit", type=float, default=None,
+                   help="GiB of memory training may use: MLX's allocator is capped there, see base_train --help (default: no cap)")
     p.add_argument("--examples-per-step", type=int, default=16, help="questions per optimizer step")
     p.add_argument("--num-samples", type=int, default=16, help="answers sampled per question")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -236,7 +238,8 @@ def main(argv=None):
     history, evals = [], []
     train_time = 0.0
     step = 0
-    with StopOnCtrlC() as stop:  # Ctrl-C: finish the step, save, exit (the caller's handler is put back after)
+    # Ctrl-C: finish the step, save, exit (the caller's handler and MLX's memory limit are put back after)
+    with StopOnCtrlC() as stop, memory_cap(args.memory_limit):
         for step in range(num_steps):
             if args.eval_every > 0 and step % args.eval_every == 0:
                 evals.append((step, *run_eval(step)))
@@ -263,6 +266,8 @@ def main(argv=None):
             mx.eval(model.parameters(), optimizer.state)
             dt = time.time() - t0
             train_time += dt
+            if step == 2:  # three steps in
+                warn_if_over_cap(args.memory_limit)
             mean_reward = sum(rewards) / len(rewards)
             mean_length = sum(lengths) / len(lengths)
             history.append(mean_reward)

@@ -50,7 +50,8 @@ import time
 import mlxchat  # noqa: F401  (preloads OpenBLAS on Linux before mlx)
 import mlx.core as mx
 
-from mlxchat.common import dtype_name, format_duration, get_base_dir, get_compute_dtype, init_wandb, print0
+from mlxchat.common import (dtype_name, format_duration, get_base_dir, get_compute_dtype, init_wandb, memory_cap, print0,
+                            warn_if_over_cap)
 from mlxchat.common import (StopOnCtrlC, add_dist_args, all_reduce_floats, all_reduce_mean, all_reduce_step, barrier,
                             broadcast_object, broadcast_tree, check_same_on_all_ranks, compute_init, dist_beating,
                             dist_waiting, launched_argv)
@@ -77,6 +78,8 @@ def get_args(argv=None):
     p.add_argument("--max-seq-len", type=int, default=None, help="row length in tokens (default: the base run's)")
     p.add_argument("--device-batch-size", type=int, default=None, help="rows per micro-batch (default: the base run's)")
     p.add_argument("--total-batch-size", type=int, default=None, help="tokens per optimizer step (default: the base run's)")
+    p.add_argument("--memory-limit", type=float, default=None,
+                   help="GiB of memory training may use: MLX's allocator is capped there, see base_train --help (default: no cap)")
     # optimizer (None = the base run's flags, without its batch-size scaling, as nanochat)
     p.add_argument("--embedding-lr", type=float, default=None)
     p.add_argument("--unembedding-lr", type=float, default=None)
@@ -484,7 +487,8 @@ def main(argv=None):
     step, smooth, val_bpb, initial_val_bpb, train_time = 0, 0.0, None, None, 0.0
     chatcore_results = {}
     losses, mean_losses = [], []  # per step: the last micro-batch's loss, the mean over all micro-batches (over ranks)
-    with StopOnCtrlC() as stop:  # Ctrl-C: finish the step, save, exit (the caller's handler is put back after)
+    # Ctrl-C: finish the step, save, exit (the caller's handler and MLX's memory limit are put back after)
+    with StopOnCtrlC() as stop, memory_cap(args.memory_limit):
         while True:
             if args.num_iterations > 0:
                 last_step = step >= args.num_iterations
@@ -528,6 +532,8 @@ def main(argv=None):
             mean_losses.append(mean_loss)
             if step > 1:  # the first step includes compilation
                 train_time += dt
+            if step == 3:
+                warn_if_over_cap(args.memory_limit)
             smooth = 0.9 * smooth + 0.1 * loss
             debiased = smooth / (1 - 0.9 ** step)
             log_metrics("sft", step, loss=debiased, lrm=lrm)

@@ -21,6 +21,7 @@ from mlxchat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.tokenizer import RustBPETokenizer
 from scripts import base_train
+from mlxchat.common import memory_cap, warn_if_over_cap
 from scripts.base_train import Trainer, build_model_meta, derive_hyperparameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -218,11 +219,51 @@ def test_device_batch_size_auto_fits_the_budget(fixture_dir, tmp_path, monkeypat
     # a budget below one row is refused with advice, not a crash later
     with pytest.raises(SystemExit, match="--grad-checkpoint"):
         base_train.auto_device_batch_size(lambda: GPT(cfg), make_opt, 64, 512, p1 // 4, False, 64 * 64)
-    # the whole script picks and reports it
+    # the whole script picks and reports it, trains under the budget as MLX's memory limit, and puts the
+    # previous limit back
+    before = mx.get_memory_limit()
     result = base_train.main(TINY + ["--num-iterations", "2", "--device-batch-size", "auto", "--memory-limit",
-                                     str(1e-9 * budget), "--total-batch-size", "512",
+                                     str(budget / 2 ** 30), "--total-batch-size", "512",
                                      "--data-dir", os.path.join(fixture_dir, "base_data")])
     assert result["step"] == 2
+    assert mx.get_memory_limit() == before
+
+
+def test_memory_limit_caps_the_ops_queued_ahead(capsys):
+    """MLX allocates an op's outputs when the op is queued and frees a buffer once its last reader has run,
+    and the host queues ops ahead of the device: back-to-back steps peak above the memory the step itself
+    keeps live. Under memory_cap (base_train --memory-limit) the peak stays near the cap, and a cap below
+    the live memory is reported with its fixes."""
+    cfg = GPTConfig(sequence_len=128, vocab_size=512, n_layer=4, n_head=2, n_kv_head=1, n_embd=128, window_pattern="SL")
+    mx.random.seed(0)
+    model = GPT(cfg)
+    trainer = Trainer(model, model.setup_optimizer(), 1)
+    x = mx.random.randint(0, 512, (8, 129))
+    batch = (x[:, :-1], x[:, 1:])
+
+    def peak_of_steps(cap_gib, steps=3):
+        with memory_cap(cap_gib):
+            trainer.step(lambda: batch)
+            mx.synchronize()
+            mx.reset_peak_memory()
+            for _ in range(steps):
+                trainer.step(lambda: batch)
+            mx.synchronize()
+            return mx.get_peak_memory() / 2 ** 30, warn_if_over_cap(cap_gib)
+
+    before = mx.get_memory_limit()
+    free, warned = peak_of_steps(None)
+    assert not warned and mx.get_memory_limit() == before
+    # a 1-byte cap: every op waits for the one before it, nothing is queued ahead: the live memory
+    live, warned = peak_of_steps(2 ** -30, steps=2)
+    assert warned and "WARNING: a step needs" in capsys.readouterr().out
+    assert mx.get_memory_limit() == before
+    assert free > 1.15 * live, (free, live)  # measured 60.8 vs 44.9 MiB (CPU, 2 cores)
+    cap = (free + live) / 2
+    capped, warned = peak_of_steps(cap)
+    assert not warned
+    assert capped < free and capped <= 1.05 * cap, (capped, cap, free)  # measured 54.4 MiB under a 52.8 MiB cap
+    assert mx.get_memory_limit() == before
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
