@@ -10,6 +10,7 @@ is host overhead: graph building, launches, syncs), and writes everything as JSO
     python -m scripts.bench_profile --what train --depth 12 --device-batch-size 16 --max-seq-len 2048
     python -m scripts.bench_profile --what decode --depth 12 --batch-size 1
     python -m scripts.bench_profile --what optim --depth 12
+    python -m scripts.bench_profile --what overhead          # MLX's own cost per op on this device (any backend)
 
 Without PyTorch: `ncu --clock-control none --cache-control none --print-summary per-kernel python -m
 scripts.bench_profile ... --no-torch` gives the same kernel table (slower: it replays each kernel).
@@ -101,9 +102,41 @@ def summarize(kernels, wall, repeats, top=30):
             "top": [{"name": n, "ms": us / 1e3, "launches": c // max(repeats, 1)} for n, (us, c) in rows[:100]]}
 
 
+def kernel_overhead(width=768, lengths=(48, 384), repeats=50):
+    """MLX's cost per op on this device, apart from the op's own work: compiled chains of n ops that
+    each run as one kernel on one row (a bf16 gemv with a width x width matrix; an rms_norm), evaluated
+    synchronously. The time difference between the two chain lengths over the difference in kernels
+    is the cost per kernel (the fixed cost of an eval cancels). A decode step of a small model is a
+    chain like these: its speed is about (kernels per token) x this."""
+    dtype = get_compute_dtype()
+    x = mx.random.normal((1, width)).astype(dtype)
+    w = (mx.random.normal((width, width)) / width ** 0.5).astype(dtype)
+    out = {}
+    for name, op in [("gemv", lambda v: v @ w), ("rms_norm", lambda v: mx.fast.rms_norm(v, None, 1e-5))]:
+        secs = {}
+        for n in lengths:
+            def chain(v, n=n, op=op):
+                for _ in range(n):
+                    v = op(v)
+                return v
+            f = mx.compile(chain)
+            for _ in range(3):
+                mx.eval(f(x))
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                mx.eval(f(x))
+            secs[n] = (time.perf_counter() - t0) / repeats
+        lo, hi = lengths
+        out[name] = {"us_per_kernel": (secs[hi] - secs[lo]) / (hi - lo) * 1e6,
+                     "ms_per_chain": {str(n): t * 1e3 for n, t in secs.items()}}
+        print(f"{name:8s}: {out[name]['us_per_kernel']:.2f} us per kernel "
+              f"(chains of {lo} / {hi}: {secs[lo] * 1e3:.3f} / {secs[hi] * 1e3:.3f} ms)")
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--what", default="train", choices=["train", "fwdbwd", "optim", "decode", "attn"])
+    p.add_argument("--what", default="train", choices=["train", "fwdbwd", "optim", "decode", "attn", "overhead"])
     p.add_argument("--mask", default="causal", choices=["causal", "window", "additive", "banded", "blockwise"],
                    help="attn: causal, or a sliding window as a boolean (T, T) mask (window), as a (T, T) additive "
                         "mask (additive), by kernels.banded_attention (banded) or kernels.attention (blockwise)")
@@ -118,6 +151,13 @@ def main(argv=None):
     p.add_argument("--no-torch", action="store_true", help="just run the work (for an external profiler such as ncu)")
     args = p.parse_args(argv)
 
+    if args.what == "overhead":
+        print(f"device {device_name()}, dtype {dtype_name(get_compute_dtype())}: cost per MLX kernel")
+        result = {"what": "overhead", "device": device_name(), **kernel_overhead(repeats=max(args.repeats, 10))}
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+        return result
     if args.what in ("train", "fwdbwd", "optim"):
         model, optimizer, trainer = build_trainer(args)
         batch = random_batch(args)

@@ -34,3 +34,12 @@ def test_every_mode_runs_without_the_profiler(what):
                               "--max-seq-len", "64", "--vocab-size", "128", "--device-batch-size", "2", "--window", "16",
                               "--mask", "banded", "--prompt-tokens", "8", "--warmup", "1", "--repeats", "1"])
     assert res["unprofiled_ms"] > 0 and res["what"] == what
+
+
+def test_kernel_overhead_is_per_kernel():
+    # the fixed cost of an eval cancels between the two chain lengths: what is left is per kernel
+    res = bench_profile.kernel_overhead(width=64, lengths=(4, 36), repeats=5)
+    for name in ("gemv", "rms_norm"):
+        chains = res[name]["ms_per_chain"]
+        assert chains["36"] > chains["4"] > 0
+        assert res[name]["us_per_kernel"] == pytest.approx((chains["36"] - chains["4"]) * 1e3 / 32)
