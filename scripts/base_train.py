@@ -435,6 +435,7 @@ def main(argv=None):
         mean_losses = []  # (step, mean loss over all micro-batches of all ranks)
         val_history = []  # (step, val bpb)
         mx.reset_peak_memory()
+        first_step = step  # (past 0 in a resumed run)
         while True:
             last_step = step == num_iterations
             stopping = stop.now
@@ -503,7 +504,7 @@ def main(argv=None):
             if step == 1:
                 gc.collect()
                 gc.freeze()
-            if step == 3:  # compiled and past the first steps' allocations
+            if step == first_step + 3:  # compiled and past the first steps' allocations
                 warn_if_over_cap(cap_gib)
 
         # the other ranks wait for rank 0's last checkpoint, so that all exit together once it is complete
