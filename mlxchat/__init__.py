@@ -12,10 +12,11 @@ def _preload_openblas():
     choice = os.environ.get("MLXCHAT_OPENBLAS", "1")
     if not sys.platform.startswith("linux") or choice == "0":
         return None
-    if "mlx.core" in sys.modules:
+    mx = sys.modules.get("mlx.core")
+    if mx is not None:
         # too late: MLX's BLAS symbols are already bound. Say so when the CPU does the model's math (a
         # tiny training step measured 3 s instead of 0.3 s this way), not on a GPU, which does not use it
-        if sys.modules["mlx.core"].default_device() == sys.modules["mlx.core"].cpu:
+        if mx.default_device() == mx.cpu:
             import warnings
             warnings.warn("mlx was imported before mlxchat, so MLX's CPU matrix products use the slow reference BLAS: "
                           "import mlxchat first (or set MLXCHAT_OPENBLAS=0 to silence this)", stacklevel=3)
