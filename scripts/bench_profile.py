@@ -102,6 +102,15 @@ def summarize(kernels, wall, repeats, top=30):
             "top": [{"name": n, "ms": us / 1e3, "launches": c // max(repeats, 1)} for n, (us, c) in rows[:100]]}
 
 
+def op_chain(op, n):
+    """op applied n times in a row, compiled into one graph: n kernels, each waiting on the last."""
+    def chain(v):
+        for _ in range(n):
+            v = op(v)
+        return v
+    return mx.compile(chain)
+
+
 def kernel_overhead(width=768, lengths=(48, 384), repeats=50):
     """MLX's cost per op on this device, apart from the op's own work: compiled chains of n ops that
     each run as one kernel on one row (a bf16 gemv with a width x width matrix; an rms_norm), evaluated
@@ -115,11 +124,7 @@ def kernel_overhead(width=768, lengths=(48, 384), repeats=50):
     for name, op in [("gemv", lambda v: v @ w), ("rms_norm", lambda v: mx.fast.rms_norm(v, None, 1e-5))]:
         secs = {}
         for n in lengths:
-            def chain(v, n=n, op=op):
-                for _ in range(n):
-                    v = op(v)
-                return v
-            f = mx.compile(chain)
+            f = op_chain(op, n)
             for _ in range(3):
                 mx.eval(f(x))
             t0 = time.perf_counter()

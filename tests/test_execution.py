@@ -122,7 +122,7 @@ def test_infinite_loop_is_killed_promptly():
     elapsed = time.monotonic() - t0
     assert r.timeout and not r.success
     assert r.error == TIMEOUT_ERROR == "Execution timed out (process killed)"
-    assert 1.0 <= elapsed < 3.0
+    assert 1.0 <= elapsed < 4.0  # the 1 s limit plus the kill; slack for a loaded 2-core CI machine
     pid = int(r.stdout.split()[0])  # printed before the loop (line-buffered)
     assert _gone(pid)
 
