@@ -87,9 +87,12 @@ def lerp(a, b, w):
 
 
 def frobenius_norm(x):
-    # over the last two dims, accumulated in fp32 whatever x's dtype (torch's norm does the same)
+    # over the last two dims, accumulated in fp32 whatever x's dtype (torch's norm does the same).
+    # Rows first, then the row sums: one reduction over all r*c elements of each of a few large
+    # matrices keeps a handful of GPU blocks busy (on the H100 these were the optimizer's slowest
+    # kernels); the same sum in another fp32 order
     x = x.astype(mx.float32)
-    return mx.sqrt(mx.sum(x * x, axis=(-2, -1), keepdims=True))
+    return mx.sqrt(mx.sum(mx.sum(x * x, axis=-1, keepdims=True), axis=-2, keepdims=True))
 
 
 def adamw_update(p, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
@@ -131,11 +134,31 @@ def polar_express(X, ns_steps):
 def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, beta2, wd, ns_steps, ortho_dtype):
     """One Muon step for a stack of K same-shape matrices P, G: (K, r, c) fp32. lr is already scaled
     by max(1, r/c)^0.5. Returns (P, momentum_buffer, second_momentum_buffer)."""
-    r, c = P.shape[-2:]
+    X, snap, rescale, M, S = muon_direction(G, momentum_buffer, second_momentum_buffer, momentum, beta2,
+                                            ns_steps, ortho_dtype)
+    return cautious_step(P, X, snap, rescale, lr, wd), M, S
+
+
+def cautious_step(P, X, snap, rescale, lr, wd):
+    """The step itself: the update U = (X * snap) * rescale (see muon_direction), with cautious weight
+    decay: only decay coordinates where the update and the weight agree in sign. Elementwise, so it
+    applies to a stack or to each matrix of it alike, and fuses into one kernel either way."""
+    U = (X.astype(mx.float32) * snap) * rescale
+    mask = (U * P) >= 0
+    return P - (lr * U + lr * wd * P * mask)
+
+
+def muon_direction(G, momentum_buffer, second_momentum_buffer, momentum, beta2, ns_steps, ortho_dtype):
+    """Everything of a Muon step but the step, for the stacked gradients G (K, r, c) fp32. Returns the
+    update in factored form, X (the orthogonalized stack, ortho_dtype), snap (K, 1, 1) and rescale
+    (K, r, 1) or (K, 1, c), with U = (X * snap) * rescale in fp32, and the new momentum and
+    second-moment buffers. Factored so that U is formed inside the kernel that applies it (one
+    pass over X) instead of being written out and read back."""
+    r, c = G.shape[-2:]
     red_dim = -1 if r >= c else -2  # the second moment is per row (tall/square) or per column (wide)
     # shape-dependent constants as array slices, for the same reason as the coefficients above:
     # python floats would compile one set of kernels per matrix shape
-    sqrt_r, sqrt_min_rc, n = mx.array([r ** 0.5, min(r, c) ** 0.5, P.shape[red_dim]], dtype=mx.float32)
+    sqrt_r, sqrt_min_rc, n = mx.array([r ** 0.5, min(r, c) ** 0.5, G.shape[red_dim]], dtype=mx.float32)
 
     # Nesterov momentum, in lerp form
     M = lerp(momentum_buffer, G, 1 - momentum)
@@ -144,15 +167,17 @@ def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, bet
     # orthogonalize in bf16 when the run computes in bf16 (fp16's exponent range is too small: stay fp32)
     X = U.astype(ortho_dtype)
     # MuonEq: give every row the RMS row norm so the spectrum entering the iteration is better conditioned
+    # (the Frobenius norm from the row sums it needs anyway: one pass over X less)
     X32 = X.astype(mx.float32)
-    target = frobenius_norm(X32) / sqrt_r
-    row_norm = mx.maximum(mx.sqrt(mx.sum(X32 * X32, axis=-1, keepdims=True)), 1e-6)
+    row_sq = mx.sum(X32 * X32, axis=-1, keepdims=True)
+    target = mx.sqrt(mx.sum(row_sq, axis=-2, keepdims=True)) / sqrt_r
+    row_norm = mx.maximum(mx.sqrt(row_sq), 1e-6)
     X = X * (target / row_norm).astype(X.dtype)
     X = polar_express(X, ns_steps)
-    U = X.astype(mx.float32)
 
     # Muon+: snap the Frobenius norm to sqrt(min(r, c)), that of an exactly semi-orthogonal matrix
-    U = U * (sqrt_min_rc / mx.maximum(frobenius_norm(U), 1e-6))
+    snap = sqrt_min_rc / mx.maximum(frobenius_norm(X), 1e-6)
+    U = X.astype(mx.float32) * snap
 
     # NorMuon: factored second moment (mean square per row or column), then rescale each row or
     # column by its rsqrt, keeping the matrix's Frobenius norm
@@ -161,12 +186,8 @@ def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, bet
     S = lerp(second_momentum_buffer, v_mean, 1 - beta2)
     step_size = mx.rsqrt(mx.maximum(S, 1e-10))
     v_norm_new = mx.sqrt(mx.sum((v_mean * n) * mx.square(step_size), axis=(-2, -1), keepdims=True))
-    U = U * (step_size * (v_norm / mx.maximum(v_norm_new, 1e-10)))
-
-    # cautious weight decay: only decay coordinates where the update and the weight agree in sign
-    mask = (U * P) >= 0
-    P = P - (lr * U + lr * wd * P * mask)
-    return P, M, S
+    rescale = step_size * (v_norm / mx.maximum(v_norm_new, 1e-10))
+    return X, snap, rescale, M, S
 
 
 def make_update_fn(layout, ortho_dtype):
@@ -194,10 +215,13 @@ def make_update_fn(layout, ortho_dtype):
             else:
                 lr, momentum, beta2, wd = (h[i] for i in range(len(MUON_HYPER)))
                 s = state["muon"][key]
-                P = mx.stack([params[n] for n in names]).astype(mx.float32)
                 G = mx.stack([grads[n] for n in names]).astype(mx.float32)
+                P = mx.stack([params[n] for n in names]).astype(mx.float32)
                 P, M, S = muon_update(P, G, s["momentum_buffer"], s["second_momentum_buffer"],
                                       lr, momentum, beta2, wd, ns_steps, ortho_dtype)
+                # one fused kernel for the whole stack's step, then views per matrix. (The step per
+                # matrix on the unstacked parameters saves the 78 stack copies at d12, but its 78
+                # small kernels cost more: +0.2 ms of GPU time per step on an H100.)
                 for n, p in zip(names, mx.split(P, len(names), axis=0)):
                     new_params[n] = p.reshape(p.shape[1:]).astype(params[n].dtype)
                 new_state["muon"][key] = {"momentum_buffer": M, "second_momentum_buffer": S}

@@ -113,15 +113,19 @@ def op_chain(op, n):
 
 def kernel_overhead(width=768, lengths=(48, 384), repeats=50):
     """MLX's cost per op on this device, apart from the op's own work: compiled chains of n ops that
-    each run as one kernel on one row (a bf16 gemv with a width x width matrix; an rms_norm), evaluated
-    synchronously. The time difference between the two chain lengths over the difference in kernels
+    each run as one kernel on one row, evaluated synchronously: "linear" is v @ W.T, the layout of
+    every nn.Linear and of the decode step's projections (MLX's CUDA backend runs it with its own
+    gemv kernel); "matmul" is v @ W, a row times an untransposed matrix (cuBLAS there); "rms_norm"
+    is mx.fast.rms_norm. The time difference between the two chain lengths over the difference in kernels
     is the cost per kernel (the fixed cost of an eval cancels). A decode step of a small model is a
     chain like these: its speed is about (kernels per token) x this."""
     dtype = get_compute_dtype()
     x = mx.random.normal((1, width)).astype(dtype)
     w = (mx.random.normal((width, width)) / width ** 0.5).astype(dtype)
     out = {}
-    for name, op in [("gemv", lambda v: v @ w), ("rms_norm", lambda v: mx.fast.rms_norm(v, None, 1e-5))]:
+    ops = [("linear", lambda v: v @ w.T), ("matmul", lambda v: v @ w),
+           ("rms_norm", lambda v: mx.fast.rms_norm(v, None, 1e-5))]
+    for name, op in ops:
         secs = {}
         for n in lengths:
             f = op_chain(op, n)

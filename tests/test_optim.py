@@ -392,6 +392,26 @@ def test_schedule_changes_do_not_recompile(monkeypatch, fp32):
     assert len(traces) == 2
 
 
+def test_update_graph_has_no_gathers(fp32):
+    """The optimizer step reads each parameter's rows through views (split + reshape). Indexing a
+    stack with an integer, stack[i], is a Gather in MLX: one extra kernel per matrix and per
+    hyperparameter (measured on the H100 at d12: +233 kernels and +3.2 ms of kernel time a step)."""
+    import io
+    import mlxchat.optim as optim
+    mx.random.seed(12)
+    model = GPT(GPTConfig(**TINY))
+    opt = setup_optimizer(model, weight_decay=0.2)
+    opt._compiled_update()  # builds the layout
+    params = dict(model.named_parameters())
+    grads = {k: mx.random.normal(v.shape).astype(v.dtype) for k, v in params.items()}
+    new_params, new_state = optim.make_update_fn(opt._layout, opt.ortho_dtype)(params, grads, opt.state, opt.hyperparameters())
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *new_params.values())
+    labels = [line.split('label ="')[1].split('"')[0] for line in dot.getvalue().splitlines() if 'label ="' in line]
+    assert "Split" in labels and "Matmul" in labels  # the graph really is the update
+    assert "Gather" not in labels
+
+
 def test_grad_reduce_hook_and_flat_grads(fp32):
     """grad_reduce sees the flat gradients before the update (where data parallelism averages them);
     a nested grad tree and a flat dict give the same step."""
