@@ -134,31 +134,11 @@ def polar_express(X, ns_steps):
 def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, beta2, wd, ns_steps, ortho_dtype):
     """One Muon step for a stack of K same-shape matrices P, G: (K, r, c) fp32. lr is already scaled
     by max(1, r/c)^0.5. Returns (P, momentum_buffer, second_momentum_buffer)."""
-    X, snap, rescale, M, S = muon_direction(G, momentum_buffer, second_momentum_buffer, momentum, beta2,
-                                            ns_steps, ortho_dtype)
-    return cautious_step(P, X, snap, rescale, lr, wd), M, S
-
-
-def cautious_step(P, X, snap, rescale, lr, wd):
-    """The step itself: the update U = (X * snap) * rescale (see muon_direction), with cautious weight
-    decay: only decay coordinates where the update and the weight agree in sign. Elementwise, so it
-    applies to a stack or to each matrix of it alike, and fuses into one kernel either way."""
-    U = (X.astype(mx.float32) * snap) * rescale
-    mask = (U * P) >= 0
-    return P - (lr * U + lr * wd * P * mask)
-
-
-def muon_direction(G, momentum_buffer, second_momentum_buffer, momentum, beta2, ns_steps, ortho_dtype):
-    """Everything of a Muon step but the step, for the stacked gradients G (K, r, c) fp32. Returns the
-    update in factored form, X (the orthogonalized stack, ortho_dtype), snap (K, 1, 1) and rescale
-    (K, r, 1) or (K, 1, c), with U = (X * snap) * rescale in fp32, and the new momentum and
-    second-moment buffers. Factored so that U is formed inside the kernel that applies it (one
-    pass over X) instead of being written out and read back."""
-    r, c = G.shape[-2:]
+    r, c = P.shape[-2:]
     red_dim = -1 if r >= c else -2  # the second moment is per row (tall/square) or per column (wide)
     # shape-dependent constants as array slices, for the same reason as the coefficients above:
     # python floats would compile one set of kernels per matrix shape
-    sqrt_r, sqrt_min_rc, n = mx.array([r ** 0.5, min(r, c) ** 0.5, G.shape[red_dim]], dtype=mx.float32)
+    sqrt_r, sqrt_min_rc, n = mx.array([r ** 0.5, min(r, c) ** 0.5, P.shape[red_dim]], dtype=mx.float32)
 
     # Nesterov momentum, in lerp form
     M = lerp(momentum_buffer, G, 1 - momentum)
@@ -174,10 +154,10 @@ def muon_direction(G, momentum_buffer, second_momentum_buffer, momentum, beta2, 
     row_norm = mx.maximum(mx.sqrt(row_sq), 1e-6)
     X = X * (target / row_norm).astype(X.dtype)
     X = polar_express(X, ns_steps)
+    U = X.astype(mx.float32)
 
     # Muon+: snap the Frobenius norm to sqrt(min(r, c)), that of an exactly semi-orthogonal matrix
-    snap = sqrt_min_rc / mx.maximum(frobenius_norm(X), 1e-6)
-    U = X.astype(mx.float32) * snap
+    U = U * (sqrt_min_rc / mx.maximum(frobenius_norm(U), 1e-6))
 
     # NorMuon: factored second moment (mean square per row or column), then rescale each row or
     # column by its rsqrt, keeping the matrix's Frobenius norm
@@ -186,8 +166,12 @@ def muon_direction(G, momentum_buffer, second_momentum_buffer, momentum, beta2, 
     S = lerp(second_momentum_buffer, v_mean, 1 - beta2)
     step_size = mx.rsqrt(mx.maximum(S, 1e-10))
     v_norm_new = mx.sqrt(mx.sum((v_mean * n) * mx.square(step_size), axis=(-2, -1), keepdims=True))
-    rescale = step_size * (v_norm / mx.maximum(v_norm_new, 1e-10))
-    return X, snap, rescale, M, S
+    U = U * (step_size * (v_norm / mx.maximum(v_norm_new, 1e-10)))
+
+    # cautious weight decay: only decay coordinates where the update and the weight agree in sign
+    mask = (U * P) >= 0
+    P = P - (lr * U + lr * wd * P * mask)
+    return P, M, S
 
 
 def make_update_fn(layout, ortho_dtype):
@@ -215,8 +199,8 @@ def make_update_fn(layout, ortho_dtype):
             else:
                 lr, momentum, beta2, wd = (h[i] for i in range(len(MUON_HYPER)))
                 s = state["muon"][key]
-                G = mx.stack([grads[n] for n in names]).astype(mx.float32)
                 P = mx.stack([params[n] for n in names]).astype(mx.float32)
+                G = mx.stack([grads[n] for n in names]).astype(mx.float32)
                 P, M, S = muon_update(P, G, s["momentum_buffer"], s["second_momentum_buffer"],
                                       lr, momentum, beta2, wd, ns_steps, ortho_dtype)
                 # one fused kernel for the whole stack's step, then views per matrix. (The step per
