@@ -29,6 +29,7 @@ points the download elsewhere (a mirror, a test server).
 import csv
 import http.client
 import json
+import logging
 import os
 import random
 import shutil
@@ -42,7 +43,9 @@ import numpy as np
 import mlx.core as mx
 from filelock import FileLock
 
-from mlxchat.common import get_base_dir, print0
+from mlxchat.common import get_base_dir
+
+logger = logging.getLogger(__name__)
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -315,7 +318,7 @@ def _download_zip(url, zip_path, max_attempts, backoff_s, timeout_s):
     from tqdm import tqdm
     tmp_path = zip_path + ".tmp"
     error = None
-    print0(f"Downloading {url} ...")
+    logger.info(f"Downloading {url} ...")
     for attempt in range(1, max_attempts + 1):
         bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="eval_bundle.zip", leave=False,
                    initial=os.path.getsize(tmp_path) if os.path.exists(tmp_path) else 0)
@@ -326,7 +329,7 @@ def _download_zip(url, zip_path, max_attempts, backoff_s, timeout_s):
                 os.remove(tmp_path)  # an error page, or garbage that resuming would only extend
                 raise EOFError("the downloaded file is not a zip archive")
             os.replace(tmp_path, zip_path)
-            print0(f"Downloaded to {zip_path}")
+            logger.info(f"Downloaded to {zip_path}")
             return
         except urllib.error.HTTPError as e:
             bar.close()
@@ -339,7 +342,7 @@ def _download_zip(url, zip_path, max_attempts, backoff_s, timeout_s):
             error = e
         if attempt < max_attempts:
             wait = backoff_s * 2 ** (attempt - 1)
-            print0(f"eval bundle download attempt {attempt}/{max_attempts} failed ({error}); retrying in {wait:g}s")
+            logger.warning(f"eval bundle download attempt {attempt}/{max_attempts} failed ({error}); retrying in {wait:g}s")
             time.sleep(wait)
     raise EvalBundleError(
         f"Could not download the CORE eval bundle from {url} ({error}).\n"
@@ -370,7 +373,7 @@ def place_eval_bundle(zip_path, bundle_dir):
         if os.path.isdir(bundle_dir):
             shutil.rmtree(bundle_dir)  # an incomplete earlier copy (it had no core.yaml)
         os.replace(extracted, bundle_dir)
-    print0(f"Placed eval_bundle directory at {bundle_dir}")
+    logger.info(f"Placed eval_bundle directory at {bundle_dir}")
 
 
 def download_eval_bundle(base_dir=None, url=None, max_attempts=5, backoff_s=2.0, timeout_s=60):
@@ -564,7 +567,7 @@ def evaluate_core(model, tokenizer, max_per_task=-1, bundle_dir=None, max_seq_le
             raise EvalBundleError(f"{os.path.join(bundle_dir, 'eval_meta_data.csv')} has no random baseline for {label}")
         centered_results[label] = centered_score(accuracy, random_baselines[label])
         elapsed = time.time() - start_time
-        print0(f"Evaluating: {label} ({task_meta['num_fewshot']}-shot, type: {task_meta['task_type']})... "
-               f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {elapsed:.2f}s")
+        logger.info(f"Evaluating: {label} ({task_meta['num_fewshot']}-shot, type: {task_meta['task_type']})... "
+                    f"accuracy: {accuracy:.4f} | centered: {centered_results[label]:.4f} | time: {elapsed:.2f}s")
     core_metric = sum(centered_results.values()) / len(centered_results)
     return {"results": results, "centered_results": centered_results, "core_metric": core_metric}

@@ -15,13 +15,13 @@ Resuming from it continues at the NEXT row group, with an empty document buffer:
 (the buffered documents are skipped), as in nanochat. With exact_state=True the state also carries
 the position inside the row group ("doc_batch") and the buffered documents ("doc_buffer"), and a
 resume from it continues with exactly the batches an uninterrupted run would have produced.
+A shard that cannot be read raises mlxchat.dataset.DataError, naming the file.
 """
 import numpy as np
-import pyarrow.parquet as pq
 
 import mlx.core as mx
 
-from mlxchat.dataset import resolve_data_dir, split_parquet_files
+from mlxchat.dataset import open_shard, read_shard_texts, resolve_data_dir, split_parquet_files
 
 
 def _document_batches(split, resume_state_dict, tokenizer_batch_size, data_dir=None, rank=0, world_size=1):
@@ -39,7 +39,7 @@ def _document_batches(split, resume_state_dict, tokenizer_batch_size, data_dir=N
         yielded = False
         pq_idx = resume_pq_idx if first_pass else 0
         while pq_idx < len(paths):
-            pf = pq.ParquetFile(paths[pq_idx])
+            pf = open_shard(paths[pq_idx])
             if first_pass and resume_rg_idx is not None and pq_idx == resume_pq_idx:
                 # continue after the row group the state names, keeping this rank's stride
                 rg_idx = (resume_rg_idx // world_size + (0 if skip_batches else 1)) * world_size + rank
@@ -48,7 +48,7 @@ def _document_batches(split, resume_state_dict, tokenizer_batch_size, data_dir=N
                 rg_idx = rank
                 skip_batches = 0
             while rg_idx < pf.num_row_groups:
-                docs = pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+                docs = read_shard_texts(pf, paths[pq_idx], rg_idx)
                 for b, i in enumerate(range(0, len(docs), tokenizer_batch_size)):
                     if b < skip_batches:
                         continue

@@ -19,6 +19,8 @@ import http.client
 import json
 import os
 import random
+import re
+import shlex
 import sys
 import threading
 import time
@@ -96,13 +98,51 @@ def split_parquet_files(split, data_dir=None):
     return paths[:-1] if split == "train" else paths[-1:]
 
 
+class DataError(ValueError):
+    """A shard in the data folder that cannot be read; the message names the file and what to do."""
+
+
+def _shard_fix(path):
+    # a downloaded shard comes back with `-n` past its index (shards already there are skipped);
+    # the val shard (the last index) comes with any -n
+    m = re.fullmatch(r"shard_(\d+)\.parquet", os.path.basename(path))
+    n = int(m.group(1)) + 1 if m and int(m.group(1)) < MAX_SHARD else 1
+    return (f"Delete it and download it again with `python -m mlxchat.dataset -n {n} --data-dir "
+            f"{shlex.quote(os.path.dirname(os.path.abspath(path)))}`, or, if the folder holds your own text, "
+            f"re-import that with `python -m mlxchat.dataset import PATH --out DIR` (into an empty folder).")
+
+
+def open_shard(path):
+    """The pq.ParquetFile of one shard, or a DataError naming the file when it is not a readable
+    parquet file with a 'text' column (a truncated download, a file copied in by mistake)."""
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: not a readable parquet file ({e}). {_shard_fix(path)}") from e
+    names = pf.schema_arrow.names
+    if "text" not in names:
+        raise DataError(f"{path}: parquet file has no 'text' column (columns: {', '.join(names) or 'none'}), so it "
+                        f"is not a pretraining shard. {_shard_fix(path)}")
+    return pf
+
+
+def read_shard_texts(pf, path, rg_idx):
+    """The `text` list of row group rg_idx of an open shard (pf = open_shard(path)); a DataError
+    naming the file if that row group cannot be read."""
+    try:
+        return pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError) as e:
+        raise DataError(f"{path}: row group {rg_idx} is unreadable ({e}); the file is corrupt. {_shard_fix(path)}") from e
+
+
 def parquets_iter_batched(split, start=0, step=1, data_dir=None):
     """Yield the `text` list of each row group of the split's shards, in order. start/step select
-    row groups within each file (rank, world_size when several processes share the work)."""
+    row groups within each file (rank, world_size when several processes share the work).
+    A shard that cannot be read raises DataError."""
     for path in split_parquet_files(split, data_dir):
-        pf = pq.ParquetFile(path)
+        pf = open_shard(path)
         for rg_idx in range(start, pf.num_row_groups, step):
-            yield pf.read_row_group(rg_idx, columns=["text"]).column("text").to_pylist()
+            yield read_shard_texts(pf, path, rg_idx)
 
 
 def write_shard(docs, path, row_group_size=ROW_GROUP_SIZE, compression_level=3):
@@ -268,7 +308,7 @@ def download_shards(indices, data_dir=None, base_url=None, num_workers=4, progre
 IMPORT_EXTENSIONS = (".txt", ".md", ".jsonl", ".parquet")
 
 
-class DataImportError(ValueError):
+class DataImportError(DataError):
     """Bad input for `import`; the message names the file and what to do."""
 
 

@@ -24,29 +24,49 @@ a hole in one is caught by another:
    - Linux: RLIMIT_AS + RLIMIT_DATA (the memory limit: MemoryError in the child),
      PR_SET_PDEATHSIG, a seccomp-BPF filter (no socket(), no fork/vfork/non-thread clone, no
      exec, no signals to other processes, no ptrace/mount/bpf/io_uring/setrlimit...) and Landlock
-     (kernel >= 5.13: writes only below the private directory and to /dev/null). Each is skipped
-     when the kernel lacks it. ctypes is needed for these, so this "setup" interpreter then execs
-     a fresh "run" interpreter that never loaded ctypes (the filter allows that one execve only).
+     (kernel >= 5.13: writes only below the private directory and to /dev/null; reads of files
+     and directory listings only below the "read roots", see below). Each is skipped when the
+     kernel lacks it. ctypes is needed for these, so this "setup" interpreter then execs a fresh
+     "run" interpreter that never loaded ctypes (the filter allows that one execve only).
    - macOS: Seatbelt through /usr/bin/sandbox-exec (deny network, fork, file writes outside the
-     private directory, and signals to other processes if this macOS takes that rule), probed
-     once and dropped with a warning when this macOS refuses it; RLIMIT_NPROC (no new process:
-     it counts the user's processes, but does not bind root); a thread that exits when the parent
-     goes away (no PDEATHSIG on macOS).
+     private directory, file contents and listings outside the read roots, and signals to other
+     processes, each rule if this macOS takes it), probed once: the strictest profile this macOS
+     both accepts and enforces is kept, with a warning when that lacks the read rules or when
+     no profile works at all; RLIMIT_NPROC (no new process: it counts the user's processes, but
+     does not bind root); a thread that exits when the parent goes away (no PDEATHSIG on macOS).
 3. Python, inside the child (both platforms): an audit hook (sys.addaudithook; it cannot be
    removed) refusing sockets, process creation, signals, ctypes, writes outside the private
-   directory, links, subinterpreters and gc introspection;
+   directory, reads and directory listings outside the read roots, links, subinterpreters and
+   gc introspection;
    os.system/fork/kill/... replaced by stubs that raise; blocked imports (ctypes, cffi, resource,
    psutil, ...). A refusal raises PermissionError (ImportError for imports) whose message starts
    with "Blocked: ", and that message becomes ExecutionResult.error. This layer gives the clear
    errors; it is NOT a security boundary on its own (code that finds a memory-corruption bug in
    CPython can switch it off), which is why layers 1 and 2 exist.
 
-Not enforced: reading files (the code may read anything the user can; its only way out is its
-output); chmod/utime of the user's files outside the directory if layer 3 is defeated (Landlock
-does not cover them); on macOS without sandbox-exec, network and file writes rest on layer 3
-alone; on macOS memory is measured after the fact (a fast allocation can overshoot the limit for
-a poll interval) and memory that is reserved but never touched (calloc'd) is not counted at all;
-RLIMIT_NPROC does not bind root (on Linux seccomp still stops forks).
+Reads: the code may read only what a Python program needs, the "read roots" (_read_roots(),
+derived from this interpreter's prefixes, sysconfig paths and sys.path, never a root that holds
+the home directory): the interpreter binary, its standard library and shared library, the
+site-packages it may import from (numpy & co), the system's shared libraries (/lib, /usr/lib,
+/lib64, /etc/ld.so.cache...), time zones and mime tables, plus the private directory,
+/dev/null, /dev/urandom and (Linux) the child's own /proc/<pid>, which /proc/self points to.
+Everything else is refused by all three layers where they exist: the parent's
+/proc/<pid>/environ, /etc/passwd, the user's home and working directory... sandbox_layers()
+says which: landlock_reads / seatbelt_reads (the kernel), python_reads (the audit hook), and
+read_confinement (True when a kernel layer confines reads, not only the audit hook). Layer 3
+checks paths with their symlinks resolved; as it cannot see os.open's dir_fd, it also refuses
+relative paths that climb above where they start ("../x": use an absolute path) and
+descriptors on directories outside the private directory.
+
+Not enforced: file metadata outside the read roots (stat, os.path.exists, readlink: neither
+Landlock nor the Seatbelt rule on file-read-data covers them, so names and sizes can be probed,
+not contents); on layer 3 alone, reads that C code makes without an audit event (pyarrow's file
+readers, SQL "ATTACH" in sqlite3); chmod/utime of the user's files outside the directory if
+layer 3 is defeated (Landlock does not cover them); on macOS without sandbox-exec, network, file
+writes and reads rest on layer 3 alone; on macOS memory is measured after the fact (a fast
+allocation can overshoot the limit for a poll interval) and memory that is reserved but never
+touched (calloc'd) is not counted at all; RLIMIT_NPROC does not bind root (on Linux seccomp
+still stops forks).
 """
 import ast
 import functools
@@ -97,15 +117,17 @@ class ExecutionResult:
 # script, so that the child imports nothing of ours. Two stages on Linux: "setup" loads ctypes to
 # install seccomp/Landlock, then execs a fresh interpreter for "run" (elsewhere one process does
 # both). argv: stage workdir code_path mode mem_bytes cpu_seconds disk_bytes parent_pid layers
-# [status]; mode: exec | repl | probe; layers: comma list of py, kernel, mem (tests drop some).
+# read_roots [status]; mode: exec | repl | probe; layers: comma list of py, kernel, mem (tests drop
+# some); read_roots: the parent's _read_roots(), one per line.
 
 _GUARD = r'''
 import sys, os, builtins, posix
 
-def _kernel_layers(workdir, ppid, mem, cpu_s, disk, layers):
+def _kernel_layers(workdir, code_path, roots, ppid, mem, cpu_s, disk, layers):
     """rlimits, then (Linux) PDEATHSIG, Landlock and seccomp. Returns what was applied."""
     import resource
-    st = {"rlimit_as": False, "pdeathsig": False, "landlock": 0, "seccomp": False, "nproc": False}
+    st = {"rlimit_as": False, "pdeathsig": False, "landlock": 0, "landlock_reads": False,
+          "seccomp": False, "nproc": False}
     linux = sys.platform.startswith("linux")
 
     def limit(res, value):
@@ -136,7 +158,7 @@ def _kernel_layers(workdir, ppid, mem, cpu_s, disk, layers):
         return st
     if linux:
         try:
-            _linux_kernel_layers(workdir, ppid, st)
+            _linux_kernel_layers(workdir, code_path, roots, ppid, st)
         except Exception:
             pass
         if not st["seccomp"]:
@@ -160,7 +182,7 @@ def _exec_run_stage(st):
     import ctypes
     libc, path = _EXEC["libc"], _EXEC["path"]
     status = ";".join(k + "=" + str(int(v)) for k, v in st.items())
-    args = [sys.executable, "-I", "-B", sys.argv[0], "run"] + sys.argv[2:10] + [status]
+    args = [sys.executable, "-I", "-B", sys.argv[0], "run"] + sys.argv[2:11] + [status]
     raw = [a.encode("utf-8", "surrogateescape") for a in args]
     argv = (ctypes.c_char_p * (len(raw) + 1))(*raw, None)
     env = [(k + "=" + v).encode("utf-8", "surrogateescape") for k, v in os.environ.items()]
@@ -170,7 +192,7 @@ def _exec_run_stage(st):
     libc.execve(path, argv, envp)  # the seccomp filter lets execve through for this buffer only
     _EXEC.clear()  # still here (exec failed): leave no loaded libc functions lying around
 
-def _linux_kernel_layers(workdir, ppid, st):
+def _linux_kernel_layers(workdir, code_path, roots, ppid, st):
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
@@ -186,12 +208,19 @@ def _linux_kernel_layers(workdir, ppid, st):
     if libc.prctl(38, ul(1), ul(0), ul(0), ul(0)) != 0:  # PR_SET_NO_NEW_PRIVS (needed by both)
         return
 
-    # --- Landlock: every write right is handled, and granted only below workdir and /dev/null
+    # --- Landlock. Writes: every write right is handled, and granted only below workdir and on
+    # /dev/null. Reads (READ_FILE: open for reading, execve and the loader's mmaps included;
+    # READ_DIR: listing): granted only below workdir, the read roots, this process's own
+    # /proc/<pid>, on the guard and code files (the run stage reads them again), /dev/null and
+    # /dev/urandom. Landlock does not cover stat/readlink or walking through a directory, so
+    # /root/.pyenv/... stays reachable while /root itself cannot be listed.
     long = ctypes.c_long  # every syscall() argument as a full register
     abi = libc.syscall(long(444), None, long(0), long(1))  # LANDLOCK_CREATE_RULESET_VERSION
     if abi >= 1:
-        WRITE_FILE, TRUNCATE = 1 << 1, 1 << 14
-        rights = WRITE_FILE
+        EXECUTE, WRITE_FILE, READ_FILE, READ_DIR, TRUNCATE = 1, 1 << 1, 1 << 2, 1 << 3, 1 << 14
+        READ = READ_FILE | READ_DIR
+        FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE  # all a rule on a file may hold
+        rights = WRITE_FILE | READ
         # REMOVE_DIR, REMOVE_FILE, MAKE_CHAR, MAKE_DIR, MAKE_REG, MAKE_SOCK, MAKE_FIFO,
         # MAKE_BLOCK, MAKE_SYM
         for bit in (4, 5, 6, 7, 8, 9, 10, 11, 12):
@@ -207,19 +236,42 @@ def _linux_kernel_layers(workdir, ppid, st):
             _pack_ = 1
             _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
-        def allow(where, access):  # LANDLOCK_RULE_PATH_BENEATH
-            fd = os.open(where, os.O_PATH | os.O_CLOEXEC)
+        def allow(where, access):  # LANDLOCK_RULE_PATH_BENEATH; False if where is missing
             try:
-                pb = PathBeneath(access, fd)
+                fd = os.open(where, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                return False
+            try:
+                if (os.fstat(fd).st_mode & 0o170000) != 0o040000:
+                    access &= FILE_RIGHTS  # on a file, a directory right is EINVAL
+                pb = PathBeneath(access & rights, fd)
                 return libc.syscall(long(445), long(rfd), long(1), ctypes.byref(pb), long(0)) == 0
             finally:
                 os.close(fd)
 
         if rfd >= 0:
-            ok = allow(workdir, rights)
-            allow("/dev/null", rights & (WRITE_FILE | TRUNCATE))
+            ok = (allow(workdir, rights) and allow(sys.argv[0], READ_FILE)
+                  and allow(code_path, READ_FILE)
+                  and allow(os.path.realpath(sys.executable), READ_FILE))
+            allow("/dev/null", READ_FILE | WRITE_FILE | TRUNCATE)
+            allow("/dev/urandom", READ_FILE)
+            for root in roots:
+                allow(root, READ)  # a root missing here just stays unreadable
+            # The rule lands on the inode that "/proc/self" resolves to now: this process's own
+            # /proc/<pid> directory, never the parent's. The run stage keeps the pid (execve does
+            # not change it) and so the same directory, its task/<tid> threads included. procfs
+            # makes a new inode whenever /proc/<pid> is looked up afresh after its dentry was
+            # evicted (memory pressure), which this rule would not match: an O_PATH descriptor on
+            # a file inside it, inherited by the run stage, keeps the dentry (a file, so that it is
+            # no use as a dir_fd).
+            if allow("/proc/self", READ):
+                try:
+                    os.set_inheritable(os.open("/proc/self/stat", os.O_PATH), True)
+                except OSError:
+                    pass
             if ok and libc.syscall(long(446), long(rfd), long(0)) == 0:
                 st["landlock"] = int(abi)
+                st["landlock_reads"] = True
             os.close(rfd)
 
     # --- seccomp-BPF
@@ -341,7 +393,7 @@ _BLOCKED_IMPORTS = frozenset((
     "_interpreters", "_interpchannels", "_interpqueues", "_posixsubprocess", "resource",
     "psutil", "ipdb", "joblib", "tkinter", "_tkinter"))
 
-def _python_layer(workdir):
+def _python_layer(workdir, read_roots):
     # process creation, signals and privilege changes: stubs that raise, in os and in posix (the
     # C module os re-exports from)
     proc = ("system", "popen", "fork", "forkpty", "spawnl", "spawnle", "spawnlp", "spawnlpe",
@@ -377,12 +429,19 @@ def _python_layer(workdir):
     if sys.platform == "darwin":
         import fcntl
         fdpath = fcntl
-    _install_audit_hook(workdir, fdpath)
+    _install_audit_hook(workdir, fdpath, read_roots)
 
-def _install_audit_hook(workdir, fcntl_mod):
+def _install_audit_hook(workdir, fcntl_mod, read_roots):
     real = os.path.realpath(workdir)
     roots = (workdir, real) if real != workdir else (workdir,)
     allowed_files = frozenset(("/dev/null", "/dev/stdout", "/dev/stderr"))
+    # Reads are checked on the path with its symlinks resolved (the system's directories hold
+    # links that lead anywhere, e.g. /proc/self/root -> /), against resolved roots: the parent's
+    # read roots, the private directory, this process's own /proc entry (what /proc/self resolves
+    # to), its own descriptors on macOS (/dev/fd), and two devices.
+    readable = tuple(read_roots) + (real, "/dev/null", "/dev/urandom", "/dev/fd")
+    if sys.platform.startswith("linux"):
+        readable += ("/proc/" + str(posix.getpid()),)
     # (path argument index, dir_fd argument index) per event that writes through a path
     path_events = {
         "os.remove": ((0, 1),), "os.rmdir": ((0, 1),), "os.mkdir": ((0, 2),),
@@ -401,6 +460,7 @@ def _install_audit_hook(workdir, fcntl_mod):
         "signal": "sending signals to other processes is not allowed",
         "ctypes": "ctypes is not allowed",
         "write": "writing outside the sandbox directory is not allowed",
+        "read": "reading outside the sandbox directory and the Python libraries is not allowed",
         # links are the one way a lexical path check could be walked around
         "link": "creating links is not allowed",
         "other": "this operation is not allowed",
@@ -426,12 +486,13 @@ def _install_audit_hook(workdir, fcntl_mod):
     path_events = MappingProxyType(path_events)
     messages = MappingProxyType(messages)
     fixed = MappingProxyType(fixed)
-    def hook(event, args, _roots=roots, _allowed=allowed_files, _path_events=path_events,
-             _fixed=fixed, _msg=messages, _imports=_BLOCKED_IMPORTS, _getcwd=posix.getcwd,
-             _fspath=posix.fspath, _readlink=posix.readlink, _fcntl=fcntl_mod, _str=str,
-             _bytes=bytes, _int=int, _isinstance=isinstance, _len=len,
-             _PermissionError=PermissionError, _ImportError=ImportError,
-             _Exception=Exception, _write_flags=write_flags, _AF_UNIX=1):
+    def hook(event, args, _roots=roots, _real=real, _allowed=allowed_files, _readable=readable,
+             _path_events=path_events, _fixed=fixed, _msg=messages, _imports=_BLOCKED_IMPORTS,
+             _getcwd=posix.getcwd, _fspath=posix.fspath, _readlink=posix.readlink,
+             _lstat=posix.lstat, _fcntl=fcntl_mod, _str=str, _bytes=bytes, _int=int,
+             _isinstance=isinstance, _len=len, _PermissionError=PermissionError,
+             _ImportError=ImportError, _Exception=Exception, _write_flags=write_flags,
+             _AF_UNIX=1, _S_IFMT=0o170000, _S_IFLNK=0o120000, _S_IFDIR=0o040000):
 
         def refuse(kind, detail):
             raise _PermissionError("Blocked: " + _msg[kind] + " (" + detail + ")")
@@ -480,6 +541,92 @@ def _install_audit_hook(workdir, fcntl_mod):
                         return
             refuse("write", _str(a if a is not None else p))
 
+        def text(p):
+            if _isinstance(p, _int):
+                return p
+            p = _fspath(p)
+            return p.decode("utf-8", "surrogateescape") if _isinstance(p, _bytes) else p
+
+        def climbs(p):
+            # a relative path that goes above the directory it starts from. The "open" event does
+            # not carry os.open's dir_fd, so such a path is checked against the cwd while the
+            # kernel may resolve it from another directory (a dir_fd higher up in the private
+            # directory, with the cwd deep below it): refused rather than misjudged
+            depth = 0
+            for c in p.split("/"):
+                if c == "..":
+                    depth -= 1
+                    if depth < 0:
+                        return True
+                elif c and c != ".":
+                    depth += 1
+            return False
+
+        def resolve(p):
+            # (path with every symlink resolved as the kernel would, component by component,
+            # mode of what it names or None if missing), or None. From the first missing
+            # component on, the rest is taken lexically (the kernel would fail there anyway).
+            if not p.startswith("/"):
+                p = _getcwd() + "/" + p
+            todo = p.split("/")
+            todo.reverse()
+            done = []
+            mode = None
+            links = 0
+            while todo:
+                c = todo.pop()
+                if c == "" or c == ".":
+                    continue
+                if c == "..":
+                    if done:
+                        done.pop()
+                    mode = None
+                    continue
+                done.append(c)
+                try:
+                    mode = _lstat("/" + "/".join(done)).st_mode
+                except _Exception:
+                    mode = None
+                    continue
+                if mode & _S_IFMT == _S_IFLNK:
+                    links += 1
+                    if links > 40:
+                        return None
+                    target = _readlink("/" + "/".join(done))
+                    done.pop()
+                    if target.startswith("/"):
+                        done = []
+                    rest = target.split("/")
+                    rest.reverse()
+                    todo.extend(rest)
+                    mode = None
+            if mode is None and done:  # ended on ".." or on a link's target
+                try:
+                    mode = _lstat("/" + "/".join(done)).st_mode
+                except _Exception:
+                    mode = None
+            return "/" + "/".join(done), mode
+
+        def check_read(p, listing):
+            # reading (or, listing=True, listing a directory): allowed below the readable roots.
+            # Opening a directory is allowed only inside the private directory: the descriptor
+            # could serve as a dir_fd, which the "open" event does not show.
+            try:
+                a = fd_path(p) if _isinstance(p, _int) else p
+                r = resolve(a) if a is not None else None
+            except _Exception:
+                r = None
+            if r is not None:
+                path, mode = r
+                for root in _readable:
+                    if path == root or path.startswith(root + "/"):
+                        if (listing or mode is None or mode & _S_IFMT != _S_IFDIR
+                                or path == _real or path.startswith(_real + "/")):
+                            return
+                        break
+                refuse("read", path)
+            refuse("read", _str(p))
+
         kind = _fixed.get(event)
         if kind is not None:
             refuse(kind, event)
@@ -504,8 +651,27 @@ def _install_audit_hook(workdir, fcntl_mod):
                 writing = "w" in mode or "a" in mode or "x" in mode or "+" in mode
             else:
                 writing = _isinstance(flags, _int) and (flags & _write_flags) != 0
+            p = text(path)
+            if not p.startswith("/") and climbs(p):
+                refuse("write" if writing else "read", p)
             if writing:
                 check_write(path)
+            else:
+                check_read(p, False)
+            return
+        if event == "os.listdir" or event == "os.scandir":
+            p = args[0] if _len(args) else None
+            check_read("." if p is None else text(p), True)
+            return
+        if event == "sqlite3.connect":
+            # sqlite opens its file in C, without an "open" event
+            db = text(args[0]) if _len(args) else ""
+            if _isinstance(db, _str) and db.startswith("file:"):  # a URI (connect(uri=True))
+                db = db[5:].split("?")[0].split("#")[0]
+                if db.startswith("//"):
+                    db = "/" + db[2:].partition("/")[2]
+            if db not in ("", ":memory:"):
+                check_read(db, False)
             return
         spec = _path_events.get(event)
         if spec is not None:
@@ -529,10 +695,11 @@ def _report(exc):
         posix.write(2, (type(exc).__name__ + ": " + str(exc) + "\n").encode("utf-8", "replace"))
 
 def _main():
-    # argv: stage workdir code_path mode mem cpu disk ppid layers [status]
+    # argv: stage workdir code_path mode mem cpu disk ppid layers read_roots [status]
     stage, workdir, code_path, mode = sys.argv[1:5]
     mem, cpu_s, disk, ppid = (int(v) for v in sys.argv[5:9])
     layers = sys.argv[9].split(",")
+    roots = [r for r in sys.argv[10].split("\n") if r]
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS"):
@@ -540,10 +707,10 @@ def _main():
 
     if stage == "setup":
         # on Linux with the kernel layer this does not return: it execs the "run" stage
-        status = _kernel_layers(workdir, ppid, mem, cpu_s, disk, layers)
+        status = _kernel_layers(workdir, code_path, roots, ppid, mem, cpu_s, disk, layers)
     else:
         status = {}
-        for item in sys.argv[10].split(";"):
+        for item in sys.argv[11].split(";"):
             k, v = item.split("=")
             status[k] = int(v) if k == "landlock" else v == "1"
     for name in ("ctypes", "ctypes._endian", "_ctypes", "ctypes.util"):
@@ -554,7 +721,7 @@ def _main():
     with open(code_path, encoding="utf-8") as f:
         src = f.read()
     if "py" in layers:
-        _python_layer(workdir)
+        _python_layer(workdir, roots)
         status["python"] = True
 
     main = type(sys)("__main__")
@@ -710,37 +877,130 @@ def _remove_tree(path):
         shutil.rmtree(path, ignore_errors=True)
 
 
+# Where a Python program reads from, besides the interpreter's own installation: the dynamic
+# loader and its cache, shared libraries, time zones. Missing ones are dropped.
+_LINUX_SYSTEM_ROOTS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64",
+                       "/usr/lib32", "/usr/libx32", "/usr/local/lib", "/usr/local/lib64",
+                       "/nix/store", "/gnu/store", "/etc/ld.so.cache", "/etc/localtime")
+# macOS: the system (dyld's shared cache, frameworks, /usr/share/zoneinfo & co) and the usual
+# homes of the libraries that Homebrew / MacPorts Pythons link against
+_MACOS_SYSTEM_ROOTS = ("/System", "/usr/lib", "/usr/share", "/Library/Apple",
+                       "/private/var/db/dyld", "/private/var/db/timezone",
+                       "/private/etc/localtime", "/usr/local/lib", "/usr/local/opt",
+                       "/usr/local/Cellar", "/opt/homebrew/lib", "/opt/homebrew/opt",
+                       "/opt/homebrew/Cellar", "/opt/local/lib")
+# prefixes shared with the rest of the system: never a read root as a whole, even when Python
+# is installed there (its stdlib and site-packages below them are)
+_SHARED_PREFIXES = frozenset(("/", "/usr", "/usr/local", "/opt", "/opt/homebrew", "/opt/local",
+                              "/System", "/Library", "/private", "/home", "/Users"))
+
+
+def _below(path, root):
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+@functools.lru_cache(maxsize=1)
+def _read_roots():
+    """The resolved paths below which sandboxed code may read (files and directory listings),
+    besides its private directory: derived from this interpreter (its binary, prefixes,
+    sysconfig paths, the sys.path entries that lie inside its prefixes) plus the fixed system
+    directories above. Not the project, the cwd or PYTHONPATH entries of sys.path, and never a
+    root that holds the user's home directory."""
+    import mimetypes
+    import site
+    import sysconfig
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix,
+                                              sys.base_exec_prefix) if p}
+    cands = [sys.executable, os.path.realpath(sys.executable),
+             # read by the interpreter at startup to find its venv's site-packages
+             os.path.join(sys.prefix, "pyvenv.cfg"),
+             os.path.join(os.path.dirname(sys.executable), "pyvenv.cfg")]
+    libdir = sysconfig.get_config_var("LIBDIR")
+    for name in ("INSTSONAME", "LDLIBRARY"):  # libpython, when the interpreter links to it
+        lib = sysconfig.get_config_var(name)
+        if libdir and lib:
+            cands.append(os.path.join(libdir, lib))
+    cands += [sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+    try:
+        cands += site.getsitepackages()
+    except AttributeError:  # some embedded site modules lack it
+        pass
+    # sys.path entries inside the installation (lib-dynload, dist-packages, python3X.zip...)
+    cands += [p for p in sys.path if p and os.path.isabs(p)
+              and any(_below(os.path.realpath(p), pre) for pre in prefixes)]
+    # a prefix that holds only this Python (pyenv, python.org's framework, conda) as a whole:
+    # libpython, a framework's Python.app... wherever its build put them
+    cands += [p for p in (sys.base_prefix, sys.base_exec_prefix)
+              if p and os.path.realpath(p) not in _SHARED_PREFIXES]
+    # time zones (time, datetime, zoneinfo) and the tables mimetypes reads on first use
+    cands += (sysconfig.get_config_var("TZPATH") or "").split(os.pathsep)
+    cands += list(mimetypes.knownfiles)
+    cands += _MACOS_SYSTEM_ROOTS if IS_MACOS else _LINUX_SYSTEM_ROOTS
+    home = os.path.realpath(os.path.expanduser("~"))
+    roots = set()
+    for c in cands:
+        if not c:
+            continue
+        r = os.path.realpath(c)
+        if "\n" in r or r in _SHARED_PREFIXES or not os.path.exists(r):
+            continue
+        if home != "/" and _below(home, r):  # e.g. a Python installed with --prefix=$HOME
+            continue
+        roots.add(r)
+    # a root below another one adds nothing (fewer Landlock rules, a shorter profile)
+    return tuple(sorted(r for r in roots if not any(o != r and _below(r, o) for o in roots)))
+
+
 def _sbpl_quote(path):
     if any(c in path for c in '"\\\n'):
         raise ValueError(f"cannot put {path!r} in a Seatbelt profile")
     return '"' + path + '"'
 
 
-def _seatbelt_profiles(workdir):
-    """Candidate SBPL profiles, strictest first; the probe keeps the first that this macOS both
-    accepts and enforces. Seatbelt matches resolved paths, hence realpath (/var -> /private/var)."""
+def _seatbelt_profiles(workdir, extra_readable=()):
+    """Candidate SBPL profiles as (kind, confines_reads, text), strictest first; the probe keeps
+    the first that this macOS both accepts and enforces. Seatbelt matches resolved paths, hence
+    realpath (/var -> /private/var). Reads: file-read-data (contents, directory listings) is
+    denied outside the read roots, metadata is not (path lookups stat every parent directory,
+    which Landlock does not restrict either)."""
     w = _sbpl_quote(os.path.realpath(workdir))
     writable = (f"(subpath {w}) (literal \"/dev/null\") (literal \"/dev/stdout\") "
                 "(literal \"/dev/stderr\") (subpath \"/dev/fd\")")
+    allowed = []
+    for path in (*_read_roots(), *extra_readable):
+        try:
+            allowed.append(f"(subpath {_sbpl_quote(os.path.realpath(path))})")
+        except ValueError:
+            pass  # a name SBPL cannot quote stays unreadable
+    readable = (f"(subpath {w}) (literal \"/dev/null\") (literal \"/dev/urandom\") "
+                "(literal \"/dev/random\") (subpath \"/dev/fd\") " + " ".join(allowed))
     head = "(version 1)\n(allow default)\n(deny network*)\n(deny process-fork)\n"
     one_rule = f"(deny file-write* (require-not (require-any {writable})))\n"
+    read_one = f"(deny file-read-data (require-not (require-any {readable})))\n"
     # the other spelling, in case require-any is refused: a later rule overrides an earlier one
     two_rules = f"(deny file-write*)\n(allow file-write* {writable})\n"
+    read_two = f"(deny file-read-data)\n(allow file-read-data {readable})\n"
+    signals = "(deny signal (target others))\n"
     return [
-        ("signals", head + one_rule + "(deny signal (target others))\n"),
-        ("plain", head + one_rule),
-        ("plain", head + two_rules),
+        ("signals", True, head + one_rule + read_one + signals),
+        ("plain", True, head + one_rule + read_one),
+        ("plain", True, head + two_rules + read_two),
+        ("signals", False, head + one_rule + signals),
+        ("plain", False, head + one_rule),
+        ("plain", False, head + two_rules),
     ]
 
 
 _seatbelt_lock = threading.Lock()
-_seatbelt_choice = {"checked": False, "index": None}
+_seatbelt_choice = {"checked": False, "index": None, "reads": False}
 
 
 def _seatbelt_index():
     """Index of the Seatbelt profile to use (None: no Seatbelt). Checked once per process, by
     running children with the Python layer off, so that the profile alone must refuse a write
-    outside the private directory (and, for the first candidate, a signal to the parent)."""
+    outside the private directory, a read and a listing there (candidates with read rules; the
+    child must also import from the standard library) and, for "signals", a signal to the
+    parent."""
     if not IS_MACOS or not os.path.exists("/usr/bin/sandbox-exec"):
         return None
     with _seatbelt_lock:
@@ -749,8 +1009,11 @@ def _seatbelt_index():
         _seatbelt_choice["checked"] = True
         outside = tempfile.mkdtemp(prefix="mlxchat-sbprobe-")
         target = os.path.join(outside, "x")
+        secret = os.path.join(outside, "secret")
+        with open(secret, "w") as f:
+            f.write("s3cret")
         try:
-            for i, (kind, _) in enumerate(_seatbelt_profiles(outside)):
+            for i, (kind, reads, _) in enumerate(_seatbelt_profiles(outside)):
                 code = ("import os\nopen('inside.txt', 'w').write('ok')\n"
                         "try:\n"
                         f"    open({target!r}, 'w').write('no')\n"
@@ -760,6 +1023,16 @@ def _seatbelt_index():
                 if kind == "signals":
                     code += ("try:\n    os.kill(os.getppid(), 0)\n    print('SIGNALS')\n"
                              "except OSError:\n    print('DENIED')\n")
+                if reads:
+                    code += ("import json, decimal\n"
+                             "assert open('inside.txt').read() == 'ok'\n"
+                             f"for f in (lambda: open({secret!r}).read(), "
+                             f"lambda: os.listdir({outside!r})):\n"
+                             "    try:\n"
+                             "        f()\n"
+                             "        print('READABLE')\n"
+                             "    except OSError:\n"
+                             "        print('DENIED')\n")
                 try:
                     r = _run(code, 10.0, 256 * 1024 * 1024, DEFAULT_MAX_OUTPUT_BYTES,
                              DEFAULT_MAX_DISK_BYTES, "exec", ("kernel", "mem"), seatbelt=i)
@@ -769,12 +1042,16 @@ def _seatbelt_index():
                     ok = False
                 if ok:
                     _seatbelt_choice["index"] = i
+                    _seatbelt_choice["reads"] = reads
                     break
         finally:
             shutil.rmtree(outside, ignore_errors=True)
         if _seatbelt_choice["index"] is None:
             logger.warning("sandbox-exec is unusable here: the Python sandbox runs without "
-                           "Seatbelt (network and file writes rest on the Python layer)")
+                           "Seatbelt (network, file writes and reads rest on the Python layer)")
+        elif not _seatbelt_choice["reads"]:
+            logger.warning("this macOS refuses Seatbelt's read rules: file reads outside the "
+                           "sandbox are refused by the Python layer only")
         return _seatbelt_choice["index"]
 
 
@@ -801,9 +1078,10 @@ def _run(code, timeout, maximum_memory_bytes, max_output_bytes, maximum_disk_byt
         # so that the code can use numpy & co)
         setup_flags = ["-S"] if IS_LINUX and "kernel" in layers else []
         argv = [sys.executable, "-I", "-B", *setup_flags, guard_path, "setup", workdir, code_path, mode,
-                str(mem), str(cpu_s), str(disk), str(os.getpid()), ",".join(layers)]
+                str(mem), str(cpu_s), str(disk), str(os.getpid()), ",".join(layers),
+                "\n".join(_read_roots())]
         if seatbelt is not None:
-            profile = _seatbelt_profiles(workdir)[seatbelt][1]
+            profile = _seatbelt_profiles(workdir, (guard_path, code_path))[seatbelt][2]
             argv = ["/usr/bin/sandbox-exec", "-p", profile] + argv
         env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir}
 
@@ -968,13 +1246,19 @@ def execute_code(code: str, timeout: float = 5.0,
 @functools.lru_cache(maxsize=1)
 def sandbox_layers() -> dict:
     """Which protections this machine actually enforces (probed once by running a child):
-    python, rlimit_as, pdeathsig, landlock (ABI version, 0 = none), seccomp, nproc, seatbelt."""
+    python, rlimit_as, pdeathsig, landlock (ABI version, 0 = none), seccomp, nproc, seatbelt;
+    for reads: landlock_reads, seatbelt_reads, python_reads (per layer) and read_confinement
+    (True when a kernel layer confines reads, not only the Python audit hook)."""
     r = execute_code("", timeout=10.0, _mode="probe")
     try:
         status = ast.literal_eval(r.stdout.strip())
     except (ValueError, SyntaxError):
         status = {}
     status["seatbelt"] = _seatbelt_index() is not None
+    status["seatbelt_reads"] = status["seatbelt"] and _seatbelt_choice["reads"]
+    status["landlock_reads"] = bool(status.get("landlock_reads"))
+    status["python_reads"] = bool(status.get("python"))
+    status["read_confinement"] = status["landlock_reads"] or status["seatbelt_reads"]
     status["rss_watchdog"] = _memory_sampler(os.getpid())() is not None
     status["platform"] = sys.platform
     if IS_LINUX and not (status.get("seccomp") and status.get("landlock")):

@@ -24,7 +24,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map_with_path, tree_unflatten
 
 from mlxchat import kernels
-from mlxchat.common import get_compute_dtype, gpu_kind
+from mlxchat.common import get_compute_dtype
+from mlxchat.hardware import gpu_kind
 
 # torch.finfo(torch.float32).eps: F.rms_norm(eps=None) uses it, also for bf16 inputs
 RMS_EPS = 1.1920929e-07
@@ -47,6 +48,43 @@ class GPTConfig:
 
     def to_dict(self):
         return asdict(self)
+
+    @classmethod
+    def from_depth(cls, depth, vocab_size=32768, aspect_ratio=64, head_dim=128, max_seq_len=2048, window_pattern="SSSL"):
+        """nanochat's one dial: width = depth x aspect_ratio, nudged up to a multiple of head_dim, in
+        heads of head_dim (no GQA), at the given context length and window pattern."""
+        base_dim = depth * aspect_ratio
+        model_dim = -(-base_dim // head_dim) * head_dim
+        num_heads = model_dim // head_dim
+        return cls(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
+                   n_kv_head=num_heads, n_embd=model_dim, window_pattern=window_pattern)
+
+    def padded_vocab_size(self, pad_to=64):
+        return -(-self.vocab_size // pad_to) * pad_to
+
+    def param_counts(self):
+        """GPT(self).num_scaling_params(), from the shapes alone: no array is made, so it is safe on any
+        thread and for configs far too large to build (the memory check before a run)."""
+        C, L, V = self.n_embd, self.n_layer, self.padded_vocab_size()
+        kv = self.n_kv_head * (C // self.n_head)
+        ve_layers = sum(has_ve(i, L) for i in range(L))
+        block = C * C + 2 * C * kv + C * C + 8 * C * C  # q, k, v, proj, MLP fc + proj
+        matrices = L * block + ve_layers * VE_GATE_CHANNELS * self.n_kv_head
+        counts = {"wte": V * C, "value_embeds": ve_layers * V * kv, "lm_head": V * C,
+                  "transformer_matrices": matrices, "scalars": 2 * L + SMEAR_CHANNELS + 2}
+        counts["total"] = sum(counts.values())
+        return counts
+
+    def num_matmul_params(self):
+        """Every Linear weight: the block matrices (ve gates included), lm_head and the smear gate."""
+        c = self.param_counts()
+        return c["transformer_matrices"] + c["lm_head"] + SMEAR_CHANNELS
+
+    def estimate_flops(self):
+        """Training FLOPs per token (forward + backward), PaLM-style: 6 x matmul params + attention."""
+        H, D = self.n_head, self.n_embd // self.n_head
+        attn = sum(H * D * min(w, self.sequence_len) for w in compute_window_sizes(self))
+        return 6 * self.num_matmul_params() + 12 * attn
 
 
 def norm(x):

@@ -28,7 +28,7 @@ from functools import lru_cache
 
 import mlx.core as mx
 
-from mlxchat.common import gpu_kind
+from mlxchat.hardware import gpu_kind
 
 # ----------------------------------------------------------------------------------------------
 # fused, chunked lm_head + softcap + cross entropy

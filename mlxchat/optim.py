@@ -55,11 +55,14 @@ Differences from nanochat, none of which changes the math: state is created at c
 gradient (nanochat skips params whose grad is None); the per-parameter AdamW step counts live
 in the state as fp32 scalars (nanochat keeps python ints and hands them over as fp32 tensors).
 """
+import logging
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map_with_path
 
-from mlxchat.common import get_compute_dtype, print0
+from mlxchat.common import get_compute_dtype
+
+logger = logging.getLogger(__name__)
 
 # Polar Express coefficients for num_iters=5, safety factor 2e-2, cushion 2 (arXiv:2505.16932)
 POLAR_EXPRESS_COEFFS = [
@@ -388,7 +391,7 @@ def setup_optimizer(model, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.0
     model_dim = model.config.n_embd
     # AdamW lrs were tuned at width 768: scale them by 1/sqrt(width/768)
     dmodel_lr_scale = (model_dim / 768) ** -0.5
-    print0(f"Scaling the LR for the AdamW parameters ∝1/√({model_dim}/768) = {dmodel_lr_scale:.6f}")
+    logger.info(f"Scaling the LR for the AdamW parameters ∝1/√({model_dim}/768) = {dmodel_lr_scale:.6f}")
 
     # transformer.h matrices in module order (block 0: c_q, c_k, c_v, c_proj, [ve_gate], c_fc, c_proj; block 1...)
     matrix_names = [n for n in params if n.startswith("transformer.h.")]

@@ -22,6 +22,7 @@ import argparse
 import datetime
 import glob
 import json
+import logging
 import os
 import platform
 import re
@@ -29,7 +30,12 @@ import shutil
 import subprocess
 import sys
 
-from mlxchat.common import get_base_dir, get_rank
+from mlxchat.common import get_base_dir
+
+from mlxchat.console import log_to_console
+from mlxchat.distributed import get_rank
+
+logger = logging.getLogger("mlxchat.report")  # not __name__: that is "__main__" under python -m mlxchat.report
 
 # the order sections appear in report.md (file name = slug of the section title)
 SECTION_ORDER = [
@@ -152,7 +158,8 @@ def git_info():
 
 def system_info():
     import mlx.core as mx
-    from mlxchat.common import backend_name, device_memory_bytes, device_name, dtype_name, get_compute_dtype
+    from mlxchat.common import dtype_name, get_compute_dtype
+    from mlxchat.hardware import backend_name, device_memory_bytes, device_name
     info = {"Platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
             "CPU": platform.processor() or platform.machine(), "CPU cores": os.cpu_count()}
     try:
@@ -240,14 +247,14 @@ class Report:
                 os.remove(path)
         with open(os.path.join(self.directory, "header.md"), "w", encoding="utf-8") as f:
             f.write(header_markdown())
-        print(f"reset the report in {self.directory}")
 
     def generate(self, copy_to=None):
         """Concatenate header + sections (in SECTION_ORDER) + summary table + loss plot into
         report.md; copy it (and the plot) to copy_to if given. Returns the report's path."""
         header_path = os.path.join(self.directory, "header.md")
         if not os.path.exists(header_path):
-            print(f"no header in {self.directory} (run `python -m mlxchat.report reset` at the start of a run): writing one now")
+            logger.warning(f"no header in {self.directory} (run `python -m mlxchat.report reset` at the start of a run): "
+                           f"writing one now")
             with open(header_path, "w", encoding="utf-8") as f:
                 f.write(header_markdown().replace("Run started:", "Run started (header written late):"))
         with open(header_path, encoding="utf-8") as f:
@@ -281,12 +288,10 @@ class Report:
         out = os.path.join(self.directory, "report.md")
         with open(out, "w", encoding="utf-8") as f:
             f.write("\n".join(p.rstrip("\n") + "\n" for p in parts))
-        print(f"wrote {out}")
         if copy_to:
             shutil.copy(out, os.path.join(copy_to, "report.md"))
             if png and os.path.exists(png):
                 shutil.copy(png, os.path.join(copy_to, "loss_curves.png"))
-            print(f"copied report.md to {os.path.abspath(copy_to)}")
         return out
 
 
@@ -346,11 +351,18 @@ def main(argv=None):
     parser.add_argument("command", choices=["generate", "reset"])
     parser.add_argument("--copy-to", default=".", help="generate: also copy report.md (and the plot) here ('' = don't)")
     args = parser.parse_args(argv)
+    log_to_console()
     report = get_report()
+    if isinstance(report, DummyReport):
+        return  # not rank 0
     if args.command == "reset":
         report.reset()
+        print(f"reset the report in {report.directory}")
     else:
-        report.generate(copy_to=args.copy_to or None)
+        out = report.generate(copy_to=args.copy_to or None)
+        print(f"wrote {out}")
+        if args.copy_to:
+            print(f"copied report.md to {os.path.abspath(args.copy_to)}")
 
 
 if __name__ == "__main__":

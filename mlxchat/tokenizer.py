@@ -256,7 +256,7 @@ def load_token_bytes(tokenizer_dir):
     if os.path.exists(npy):
         return mx.array(np.load(npy, allow_pickle=False).astype(np.int32))
     if os.path.exists(pt):
-        from mlxchat.checkpoint_manager import load_torch_file
+        from mlxchat.torch_io import load_torch_file
         return load_torch_file(pt).astype(mx.int32)
     raise TokenizerError(f"{npy}: not found (nor nanochat's token_bytes.pt). Train a tokenizer with "
                          f"`python -m scripts.tok_train`, which writes it.")

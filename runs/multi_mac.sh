@@ -85,7 +85,8 @@ if [ "$CHECK" = 1 ]; then
 import sys, time
 import mlxchat  # noqa: F401
 import mlx.core as mx
-from mlxchat.common import all_reduce_mean, compute_init, print0
+from mlxchat.common import print0
+from mlxchat.distributed import all_reduce_mean, compute_init
 rank, world, group = compute_init(sys.argv[1], float(sys.argv[2]))
 print(f"rank {rank} of {world}: joined", flush=True)
 x = {"grads": mx.full((16 << 20,), float(rank + 1))}  # 64 MiB of fp32

@@ -22,11 +22,13 @@ from tqdm import tqdm
 
 from mlxchat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step, find_tokenizer_dir
 from mlxchat.common import atomic_write_text, get_base_dir, print0
+from mlxchat.console import log_to_console
 from mlxchat.core_eval import EvalBundleError, dist_info, evaluate_core
 from mlxchat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from mlxchat.dataset import DataError
 from mlxchat.engine import Engine
 from mlxchat.loss_eval import evaluate_bpb
-from scripts.base_train import SAMPLE_PROMPTS  # the prompts training samples, so the two can be compared
+from mlxchat.pretrain import SAMPLE_PROMPTS  # the prompts training samples, so the two can be compared
 
 
 def load(args):
@@ -118,6 +120,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", type=str, default=None, help="parquet shards for bpb (default <base>/base_data_climbmix; 'demo' = the bundled corpus)")
     parser.add_argument("--max-seq-len", type=int, default=None, help="CORE: crop prompts to their last N tokens (default: only what the model cannot forward)")
     args = parser.parse_args(argv)
+    log_to_console()
 
     eval_modes = set(mode.strip() for mode in args.eval.split(",") if mode.strip())
     valid_modes = {"core", "bpb", "sample"}
@@ -150,7 +153,10 @@ def main(argv=None):
         print0("\n" + "=" * 80)
         print0("BPB Evaluation")
         print0("=" * 80)
-        out["bpb"] = run_bpb(model, tokenizer, token_bytes, sequence_len, args.device_batch_size, args.split_tokens, args.data_dir)
+        try:
+            out["bpb"] = run_bpb(model, tokenizer, token_bytes, sequence_len, args.device_batch_size, args.split_tokens, args.data_dir)
+        except DataError as e:
+            raise SystemExit(f"bpb evaluation failed: {e}")
 
     if "core" in eval_modes:
         print0("\n" + "=" * 80)

@@ -72,7 +72,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from mlxchat.common import dtype_name, get_compute_dtype, gpu_kind
+from mlxchat.common import dtype_name, get_compute_dtype
+
+from mlxchat.hardware import gpu_kind
 from mlxchat.gpt import GPT, GPTConfig, compute_window_sizes, recompute_backward
 from mlxchat import kernels
 

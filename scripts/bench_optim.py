@@ -22,6 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from mlxchat.common import get_compute_dtype, dtype_name
+from mlxchat.console import log_to_console
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.optim import MuonAdamW
 
@@ -36,12 +37,11 @@ parser.add_argument("--seq", type=int, default=256, help="sequence length of the
 parser.add_argument("--no-full", action="store_true", help="time the optimizer only")
 parser.add_argument("--breakdown", action="store_true", help="also time the AdamW groups and the Muon groups alone")
 args = parser.parse_args()
+log_to_console()
 
 # nanochat's sizing (spec 1.1): model_dim = depth * aspect_ratio, rounded up to a multiple of head_dim
-model_dim = -(-args.depth * 64 // args.head_dim) * args.head_dim
-n_head = model_dim // args.head_dim
-config = GPTConfig(sequence_len=2048, vocab_size=args.vocab_size, n_layer=args.depth,
-                   n_head=n_head, n_kv_head=n_head, n_embd=model_dim)
+config = GPTConfig.from_depth(args.depth, vocab_size=args.vocab_size, head_dim=args.head_dim)
+model_dim, n_head = config.n_embd, config.n_head
 model = GPT(config)
 mx.eval(model.parameters())
 num_params = sum(v.size for v in model.named_parameters().values())

@@ -24,8 +24,11 @@ from collections import defaultdict
 import mlxchat  # noqa: F401
 import mlx.core as mx
 
-from mlxchat.common import device_name, dtype_name, get_compute_dtype
-from scripts.bench_train import add_model_args, build_trainer, random_batch
+from mlxchat.common import dtype_name, get_compute_dtype
+
+from mlxchat.console import log_to_console
+from mlxchat.hardware import device_name
+from scripts._bench import add_model_args, build_trainer, random_batch
 
 # kernel name -> category, first match wins (MLX's CUDA kernel names, cuBLAS/cuDNN's)
 CATEGORIES = [
@@ -159,6 +162,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="write the summary here")
     p.add_argument("--no-torch", action="store_true", help="just run the work (for an external profiler such as ncu)")
     args = p.parse_args(argv)
+    log_to_console()
 
     if args.what == "overhead":
         print(f"device {device_name()}, dtype {dtype_name(get_compute_dtype())}: cost per MLX kernel")
@@ -215,9 +219,8 @@ def main(argv=None):
     else:
         from mlxchat.engine import Engine, KVCache
         from mlxchat.quantize import cast_linear_weights
-        from scripts.infer_bench import config_for_depth
-        from mlxchat.gpt import GPT
-        model = GPT(config_for_depth(args.depth))
+        from mlxchat.gpt import GPT, GPTConfig
+        model = GPT(GPTConfig.from_depth(args.depth))
         mx.eval(model.parameters())
         cast_linear_weights(model)
         engine = Engine(model, None, compile=True)

@@ -14,37 +14,11 @@ import time
 import mlxchat  # noqa: F401
 import mlx.core as mx
 
-from mlxchat.common import device_name, dtype_name, get_compute_dtype, get_peak_flops, memory_cap
-from mlxchat.gpt import GPT
-from scripts.base_train import Trainer, build_model_meta
+from mlxchat.common import dtype_name, get_compute_dtype
 
-
-def add_model_args(p):
-    """The model shape and micro-batch flags shared by the training benchmarks (nanochat's defaults)."""
-    p.add_argument("--depth", type=int, default=12)
-    p.add_argument("--aspect-ratio", type=int, default=64)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--max-seq-len", type=int, default=2048)
-    p.add_argument("--window-pattern", default="SSSL")
-    p.add_argument("--vocab-size", type=int, default=32768)
-    p.add_argument("--device-batch-size", type=int, default=16)
-    p.add_argument("--grad-checkpoint", type=int, default=0)
-
-
-def build_trainer(args, grad_accum=1):
-    """A random-init model of the flags' shape, nanochat's optimizer and the compiled training step."""
-    config = build_model_meta(args.depth, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern, args.vocab_size)
-    model = GPT(config)
-    mx.eval(model.parameters())
-    optimizer = model.setup_optimizer(weight_decay=0.1)
-    return model, optimizer, Trainer(model, optimizer, grad_accum, args.grad_checkpoint)
-
-
-def random_batch(args):
-    """(inputs, targets) of random tokens, one micro-batch of the flags' shape."""
-    x = mx.random.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1)).astype(mx.int32)
-    mx.eval(x)
-    return x[:, :-1], x[:, 1:]
+from mlxchat.console import log_to_console
+from mlxchat.hardware import device_name, get_peak_flops, memory_cap
+from scripts._bench import add_model_args, build_trainer, random_batch
 
 
 def main(argv=None):
@@ -56,6 +30,7 @@ def main(argv=None):
     p.add_argument("--memory-limit", type=float, default=None,
                    help="GiB: cap MLX's allocator as base_train --memory-limit does (default: MLX's own limit)")
     args = p.parse_args(argv)
+    log_to_console()
     with memory_cap(args.memory_limit):
         return run(args)
 

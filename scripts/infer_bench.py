@@ -28,18 +28,12 @@ import time
 import mlxchat  # noqa: F401  (preloads OpenBLAS on Linux before mlx)
 import mlx.core as mx
 
-from mlxchat.common import device_name, dtype_name, get_compute_dtype, get_peak_bandwidth, get_peak_flops
+from mlxchat.common import dtype_name, get_compute_dtype
+
+from mlxchat.hardware import device_name, get_peak_bandwidth, get_peak_flops
 from mlxchat.engine import Engine
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.quantize import cast_linear_weights, matmul_weight_bytes, quantize_model
-
-
-def config_for_depth(depth, vocab_size=32768, sequence_len=2048):
-    # nanochat's depth dial: width = depth * 64 rounded up to whole heads of 128
-    n_embd = -(-depth * 64 // 128) * 128
-    n_head = n_embd // 128
-    return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=n_embd)
 
 
 class _NeverStopTokenizer:
@@ -63,7 +57,7 @@ def load(args):
             model, tokenizer, meta = load_model(args.source, model_tag=args.model_tag, step=args.step)
         return model, tokenizer
     mx.random.seed(0)
-    model = GPT(config_for_depth(args.depth))
+    model = GPT(GPTConfig.from_depth(args.depth))  # nanochat's depth dial: width 64 x depth, heads of 128
     mx.eval(model.parameters())
     return model, None
 

@@ -13,7 +13,7 @@ import mlxchat  # noqa: F401  (preloads OpenBLAS before mlx)
 from tqdm import tqdm
 
 from mlxchat.common import get_base_dir
-from mlxchat.dataset import parquets_iter_batched, resolve_data_dir
+from mlxchat.dataset import DataError, parquets_iter_batched, resolve_data_dir
 from mlxchat.tokenizer import RustBPETokenizer, save_token_bytes
 
 # a round trip over awkward text: digits, contractions, symbols, several scripts, an emoji
@@ -55,8 +55,11 @@ def main(argv=None):
     print(f"data: {resolve_data_dir(args.data_dir)}")
 
     t0 = time.time()
-    tokenizer = RustBPETokenizer.train_from_iterator(text_iterator(args.max_chars, args.doc_cap, args.data_dir),
-                                                     args.vocab_size)
+    try:
+        tokenizer = RustBPETokenizer.train_from_iterator(text_iterator(args.max_chars, args.doc_cap, args.data_dir),
+                                                         args.vocab_size)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
     print(f"Training time: {time.time() - t0:.2f}s")
     if tokenizer.get_vocab_size() != args.vocab_size:
         print(f"Note: the text ran out of pairs to merge; the vocabulary has {tokenizer.get_vocab_size():,} tokens")

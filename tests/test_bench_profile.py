@@ -55,3 +55,19 @@ def test_kernel_overhead_is_the_time_difference_per_kernel():
         chains = res[name]["ms_per_chain"]
         assert set(chains) == {"4", "36"} and min(chains.values()) > 0
         assert res[name]["us_per_kernel"] == pytest.approx((chains["36"] - chains["4"]) * 1e3 / 32)
+
+
+def test_model_flags_give_nanochat_depth_config():
+    # the benchmarks' model is GPTConfig.from_depth of their flags (aspect ratio, head dim, context, windows)
+    import argparse
+    from mlxchat.gpt import GPTConfig
+    from scripts import _bench
+    p = argparse.ArgumentParser()
+    _bench.add_model_args(p)
+    args = p.parse_args(["--depth", "3", "--aspect-ratio", "40", "--head-dim", "32", "--max-seq-len", "96",
+                         "--window-pattern", "SL", "--vocab-size", "200"])
+    config = _bench.model_config(args)
+    assert config == GPTConfig.from_depth(3, vocab_size=200, aspect_ratio=40, head_dim=32, max_seq_len=96, window_pattern="SL")
+    assert (config.n_embd, config.n_head, config.sequence_len) == (128, 4, 96)  # 3 x 40 = 120, up to whole heads of 32
+    x, y = _bench.random_batch(argparse.Namespace(vocab_size=200, device_batch_size=2, max_seq_len=96))
+    assert x.shape == y.shape == (2, 96) and (x[:, 1:] == y[:, :-1]).all().item()

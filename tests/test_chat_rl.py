@@ -13,8 +13,8 @@ import pytest
 from mlxchat.checkpoint_manager import load_model
 from mlxchat.engine import Engine
 from mlxchat.tokenizer import RustBPETokenizer
+from mlxchat.rl import ToyLetter, evaluate_passk, rollout
 from scripts import chat_rl
-from scripts.chat_rl import ToyLetter, evaluate_passk, rollout
 
 
 @pytest.fixture(scope="module")

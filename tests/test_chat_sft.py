@@ -1,5 +1,5 @@
 """
-SFT (scripts/chat_sft.py): the best-fit packer (rows start with BOS, conversations whole, padding never
+SFT (mlxchat/sft.py, scripts/chat_sft.py): the best-fit packer (rows start with BOS, conversations whole, padding never
 a target, masks as render_conversation gives them, too-long conversations skipped instead of NaN), the
 optimizer hand-over from the base run, a real SFT run on the parity fixture model that must lower the
 loss on held-out conversations (and save a checkpoint that loads back to the same numbers), and the
@@ -17,9 +17,11 @@ from mlxchat.checkpoint_manager import load_checkpoint, load_model, save_arrays
 from mlxchat.gpt import GPT, GPTConfig
 from mlxchat.loss_eval import evaluate_bpb
 from mlxchat.tokenizer import RustBPETokenizer, get_token_bytes
+from mlxchat import sft
+from mlxchat.sft import build_mixtures, rows_to_batch, setup_sft_optimizer, sft_data_generator_bos_bestfit, sft_rows_bestfit
+from mlxchat.training import ConfigError
 from scripts import chat_sft
-from scripts.chat_sft import (DEMO_CHAT_DIR, DemoCalculator, build_mixtures, rows_to_batch, setup_sft_optimizer,
-                              sft_data_generator_bos_bestfit, sft_rows_bestfit)
+from tasks.demo_chat import DEMO_CHAT_DIR, DemoCalculator
 from tasks.common import Task
 from tasks.customjson import CustomJSON
 
@@ -289,7 +291,7 @@ def test_jsonl_mixture_holds_out_the_tail(tmp_path):
     train_texts = {train[i]["messages"][0]["content"] for i in range(len(train))}
     val_texts = {val[i]["messages"][0]["content"] for i in range(len(val))}
     assert val_texts == {"hi 38", "hi 39"} and not (train_texts & val_texts)
-    with pytest.raises(SystemExit, match="nanochat, demo or a .jsonl"):
+    with pytest.raises(ConfigError, match="nanochat, demo or a .jsonl"):
         build_mixtures("nonsense")
 
 
@@ -352,16 +354,17 @@ def test_ctrl_c_saves_and_exits(fixture_dir, monkeypatch):
     from mlxchat.common import get_base_dir
     from mlxchat.checkpoint_manager import find_steps
     install_base(fixture_dir, get_base_dir())
-    real = chat_sft.get_sft_muon_momentum
+    real = sft.get_sft_muon_momentum
 
     def momentum_then_interrupt(it):
         if it == 3:
             os.kill(os.getpid(), signal.SIGINT)  # as if Ctrl-C was pressed during step 4
         return real(it)
-    monkeypatch.setattr(chat_sft, "get_sft_muon_momentum", momentum_then_interrupt)
+    monkeypatch.setattr(sft, "get_sft_muon_momentum", momentum_then_interrupt)
     result = chat_sft.main(["--mixture", "demo", "--max-seq-len", "64", "--device-batch-size", "2", "--total-batch-size", "128",
                             "--num-iterations", "100", "--eval-every", "-1", "--eval-tokens", "128"])
     assert result["step"] == 4  # the step in flight finished, then it stopped
+    assert result["exit_status"] == 130
     assert find_steps(os.path.join(get_base_dir(), "chatsft_checkpoints", "d3")) == [4]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
 
@@ -382,7 +385,7 @@ def test_demo_mixture_adds_cached_real_task_data():
 
 
 def test_chatcore_centers_and_averages(monkeypatch):
-    import scripts.chat_eval as chat_eval
+    import mlxchat.chat_eval as chat_eval
     accuracies = {"ARC-Easy": 0.5, "ARC-Challenge": 0.25, "MMLU": 0.4, "GSM8K": 0.1, "HumanEval": 0.05}
     calls = []
 
@@ -390,7 +393,7 @@ def test_chatcore_centers_and_averages(monkeypatch):
         calls.append((name, batch_size, max_problems, temperature))
         return accuracies[name]
     monkeypatch.setattr(chat_eval, "run_chat_eval", fake_run_chat_eval)
-    results = chat_sft.make_chatcore(model=None, tokenizer=None, batch_size=4, max_cat=-1, max_sample=24)()
+    results = sft.make_chatcore(model=None, tokenizer=None, batch_size=4, max_cat=-1, max_sample=24)()
     centered = [(0.5 - 0.25) / 0.75, 0.0, (0.4 - 0.25) / 0.75, 0.1, 0.05]
     assert results["ChatCORE"] == pytest.approx(sum(centered) / 5)
     assert results["ChatCORE_cat"] == pytest.approx(sum(centered[:3]) / 3)

@@ -202,3 +202,22 @@ def test_convert_nanochat_directory(fixture_dir, tmp_path, expected, monkeypatch
     logits = model(mx.array(expected["idx"]))
     err = np.abs(np.array(logits) - expected["trained_bf16_logits"]).max() / np.abs(expected["trained_bf16_logits"]).max()
     assert err < 1e-4
+
+
+def test_resynchronizing_drifted_ranks_is_a_warning(tmp_path, monkeypatch, caplog):
+    # rank 0 of a two-rank run whose ranks disagree: the weights are resynchronized and the library
+    # says so as a warning of mlxchat.checkpoint_manager (not a print)
+    import logging
+    from mlxchat import checkpoint_manager as cm
+    monkeypatch.setattr(cm, "get_dist_info", lambda: (0, 2, None))
+    monkeypatch.setattr(cm, "ranks_disagree", lambda tree, label=None: True)
+    broadcasts = []
+    monkeypatch.setattr(cm, "broadcast_tree", lambda tree, label=None: broadcasts.append(label) or tree)
+    monkeypatch.setattr(cm, "barrier", lambda label=None: None)
+    model = tiny_model()
+    optimizer = model.setup_optimizer()
+    with caplog.at_level(logging.WARNING, logger="mlxchat"):
+        cm.save_training_checkpoint(str(tmp_path), 3, model, optimizer, {"step": 3})
+    warnings = [r for r in caplog.records if r.name == "mlxchat.checkpoint_manager" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].getMessage().startswith("step 00003: the ranks' weights had drifted apart")
+    assert len(broadcasts) == 2 and find_last_step(str(tmp_path)) == 3

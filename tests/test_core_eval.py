@@ -7,6 +7,7 @@ centering math, core.yaml reading, and the eval bundle download from a server on
 """
 import http.server
 import json
+import logging
 import os
 import random
 import threading
@@ -494,7 +495,8 @@ def test_evaluate_core_downloads_the_bundle_once(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("honor_range", [True, False])
-def test_download_resumes_after_a_dropped_connection(tmp_path, honor_range):
+def test_download_resumes_after_a_dropped_connection(tmp_path, honor_range, caplog):
+    caplog.set_level(logging.INFO, logger="mlxchat")
     payload = _bundle_zip(tmp_path)
     server = _BundleServer(payload, drop_first=True, honor_range=honor_range)
     base = tmp_path / "base2"
@@ -508,6 +510,11 @@ def test_download_resumes_after_a_dropped_connection(tmp_path, honor_range):
     have = int(server.requests[1][1].split("=")[1].rstrip("-"))
     assert 0 < have < len(payload)
     assert (base / "eval_bundle.zip").read_bytes() == payload
+    # the library logs instead of printing: the retry is a warning, the rest is info
+    records = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "mlxchat.core_eval"]
+    assert [m for lvl, m in records if lvl == "WARNING"] == [m for lvl, m in records if "retrying" in m]
+    assert len([m for lvl, m in records if lvl == "WARNING"]) == 1 and "attempt 1/5 failed" in records[1][1]
+    assert records[0] == ("INFO", f"Downloading {server.url} ...")
     assert os.path.getsize(os.path.join(bundle_dir, "padding.bin")) == 3 << 20
     tasks, baselines = load_core_config(bundle_dir)
     assert [t["label"] for t in tasks] == ["mc_task", "lm_task", "schema_task"]

@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from mlxchat import dataset
-from mlxchat.dataset import (DEMO_DATA_DIR, MAX_SHARD, DataImportError, download_shards, download_single_file,
-                             import_text, index_to_filename, list_parquet_files, parquets_iter_batched,
-                             resolve_data_dir, split_document, split_parquet_files, write_shard)
+from mlxchat.dataset import (DEMO_DATA_DIR, MAX_SHARD, DataError, DataImportError, download_shards,
+                             download_single_file, import_text, index_to_filename, list_parquet_files,
+                             parquets_iter_batched, resolve_data_dir, split_document, split_parquet_files, write_shard)
 
 
 def read_docs(path):
@@ -72,6 +72,60 @@ def test_parquets_iter_batched_start_step(tmp_path):
     write_shard(["val"], str(tmp_path / "shard_00001.parquet"))
     got = list(parquets_iter_batched("train", start=1, step=2, data_dir=str(tmp_path)))
     assert got == [docs[2:4], docs[6:8]]
+
+
+class _CharTokenizer:
+    """Just enough of a tokenizer for the loader: one token per character."""
+
+    def get_bos_token_id(self):
+        return 0
+
+    def encode(self, texts, prepend=None, num_threads=None):
+        return [[prepend] + [1 + ord(c) % 200 for c in t] for t in texts]
+
+
+def test_corrupt_shard_error_names_the_file(tmp_path):
+    from mlxchat.dataloader import tokenizing_distributed_data_loader_bos_bestfit
+    from scripts.tok_train import text_iterator
+    d = tmp_path / "data"
+    d.mkdir()
+    write_shard(["first train shard"], str(d / "shard_00000.parquet"))
+    bad = d / "shard_00001.parquet"
+    bad.write_bytes(b"<html>503 Service Unavailable</html>")  # say, an error page saved under a shard's name
+    write_shard(["the val shard"], str(d / "shard_00002.parquet"))
+
+    def check(exc):
+        msg = str(exc.value)
+        assert str(bad) in msg and "not a readable parquet file" in msg
+        # what to do: fetch it again (-n past its index) or re-import
+        assert "python -m mlxchat.dataset -n 2 --data-dir" in msg and "python -m mlxchat.dataset import" in msg
+
+    it = parquets_iter_batched("train", data_dir=str(d))
+    assert next(it) == ["first train shard"]  # the good shard before it still reads
+    with pytest.raises(DataError) as e:
+        next(it)
+    check(e)
+    assert isinstance(e.value, ValueError)
+    # the training loader
+    loader = tokenizing_distributed_data_loader_bos_bestfit(_CharTokenizer(), 1, 8, "train", data_dir=str(d),
+                                                            buffer_size=4)
+    with pytest.raises(DataError) as e:
+        next(loader)
+    check(e)
+    # tokenizer training's text iterator
+    with pytest.raises(DataError) as e:
+        list(text_iterator(10 ** 9, 1000, data_dir=str(d), progress=False))
+    check(e)
+
+    # a shard cut short (the footer lost) and a parquet file that is not a shard (no 'text' column)
+    good = tmp_path / "good.parquet"
+    write_shard([f"document {i}" for i in range(50)], str(good))
+    bad.write_bytes(good.read_bytes()[:-20])
+    with pytest.raises(DataError, match=r"shard_00001\.parquet: not a readable parquet file"):
+        list(parquets_iter_batched("train", data_dir=str(d)))
+    pq.write_table(pa.table({"body": ["a"]}), str(bad))
+    with pytest.raises(DataError, match=r"shard_00001\.parquet: parquet file has no 'text' column \(columns: body\)"):
+        list(parquets_iter_batched("train", data_dir=str(d)))
 
 
 def test_demo_corpus_layout():

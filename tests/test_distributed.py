@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from mlxchat.checkpoint_manager import load_checkpoint
+from mlxchat.checkpoint_manager import find_steps, load_checkpoint
 from scripts import base_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,16 +44,26 @@ if rank1_base != "-" and os.environ.get("MLX_RANK") == "1":
     os.environ["MLXCHAT_BASE_DIR"] = rank1_base  # before mlxchat is imported
 import mlxchat  # noqa: F401
 import numpy as np
-from scripts import base_train
+from mlxchat import pretrain, sft, training
 
 trainers = []
 
-class RecordingTrainer(base_train.Trainer):
+class RecordingTrainer(training.Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         trainers.append(self)
 
-base_train.Trainer = RecordingTrainer
+pretrain.Trainer = sft.Trainer = RecordingTrainer
+
+stop_at = int(os.environ.get("MLXCHAT_TEST_STOP_AT", "0"))
+if stop_at:  # a stop sent to rank 0 alone (as the dashboard or a Ctrl-C on one Mac would), after step stop_at
+    class StoppedOnRank0(pretrain.BaseTrainRun):
+        def _run(self):
+            for event in super()._run():
+                if event.kind == "step" and event.step == stop_at and self.rank == 0:
+                    self.control.stop()
+                yield event
+    pretrain.BaseTrainRun = StoppedOnRank0
 result = importlib.import_module(f"scripts.{script}").main(sys.argv[4:])
 r = result["rank"]
 with open(f"{out_dir}/result_rank{r}.json", "w") as f:
@@ -213,8 +223,8 @@ def test_two_rank_resume_continues_exactly(two_rank_run):
 HELPERS = r'''
 import mlxchat  # noqa: F401
 import mlx.core as mx
-from mlxchat.common import (all_reduce_mean, broadcast_object, broadcast_tree, check_same_on_all_ranks, compute_init,
-                            get_rank, ranks_disagree)
+from mlxchat.distributed import (all_reduce_mean, broadcast_object, broadcast_tree, check_same_on_all_ranks, compute_init,
+                                 get_rank, ranks_disagree)
 rank, world, group = compute_init("ring", 30)
 assert world == 2 and get_rank() == rank
 # a nested tree of two dtypes, 1-byte buckets: every array its own all_sum, structure and dtype kept
@@ -231,6 +241,24 @@ print(f"rank {rank}: helpers ok", flush=True)
 check_same_on_all_ranks(["tokenizer", rank], "the test value")
 print("not reached", flush=True)
 '''
+
+
+def test_a_stop_sent_to_rank_0_stops_both_ranks_at_the_same_step(two_rank_run, monkeypatch):
+    """The stop rides on the per-step loss all-reduce: rank 0 takes it after step 4 (sent while step 4's
+    event was handled, so it arrives during step 5), and both ranks stop after step 5 with a checkpoint."""
+    tmp = two_rank_run["tmp"]
+    base = str(tmp / "base_stop")
+    shutil.copytree(two_rank_run["base"], base, ignore=shutil.ignore_patterns("base_checkpoints"))
+    monkeypatch.setenv("MLXCHAT_TEST_STOP_AT", "4")
+    (r0, r1), _ = _launch_2(base, str(tmp / "out_stop"), two_rank_run["args"])
+    assert r0["step"] == r1["step"] == 5
+    assert [s for s, _ in r0["losses"]] == [s for s, _ in r1["losses"]] == [1, 2, 3, 4, 5]
+    ckpt = os.path.join(base, "base_checkpoints", "dp")
+    assert find_steps(ckpt) == [5]
+    assert all(os.path.exists(os.path.join(ckpt, f"optim_000005_rank{r}.safetensors")) for r in range(2))
+    # and the first steps are those of the uninterrupted run
+    straight = dict((s, l) for s, l in two_rank_run["results"][0]["losses"])
+    assert all(abs(l - straight[s]) < 1e-6 for s, l in r0["losses"])
 
 
 def test_collective_helpers(tmp_path):
@@ -370,13 +398,14 @@ def test_two_rank_sft_matches_one_process_and_saves_a_loadable_checkpoint(fixtur
     import mlx.core as mx
     from mlxchat.checkpoint_manager import load_arrays, load_checkpoint, load_model
     from scripts import chat_sft
+    from tasks.demo_chat import DEMO_CHAT_DIR
     monkeypatch.setenv("MLXCHAT_DTYPE", "float32")
     base0, base1, base_single = (str(tmp_path / d) for d in ("rank0", "rank1", "single"))
     _install_sft_base(fixture_dir, base0)
     _install_sft_base(fixture_dir, base1, with_checkpoint=False)
     _install_sft_base(fixture_dir, base_single)
     mixture = str(tmp_path / "chats.jsonl")
-    with open(os.path.join(chat_sft.DEMO_CHAT_DIR, "chat_train.jsonl")) as f, open(mixture, "w") as g:
+    with open(os.path.join(DEMO_CHAT_DIR, "chat_train.jsonl")) as f, open(mixture, "w") as g:
         g.writelines(f.readlines()[:128])
     # 2 ranks x 1 micro-batch of 2 x 128 tokens = 512 tokens per step; -1 iterations = one epoch
     args = ["--model-tag", "fx", "--mixture", mixture, "--max-seq-len", "128", "--device-batch-size", "2",
@@ -419,7 +448,8 @@ def test_two_rank_sft_matches_one_process_and_saves_a_loadable_checkpoint(fixtur
         assert np.array_equal(np.array(v), np.array(optim1["optimizer"]["tensors"][k])), k
 
     # the 1-process reference, in this process
-    real_loader = chat_sft.sft_data_generator_bos_bestfit
+    from mlxchat import sft
+    real_loader = sft.sft_data_generator_bos_bestfit
 
     def interleaved(dataset, tokenizer, B, T, buffer_size=100, rank=0, world_size=1):
         assert (rank, world_size) == (0, 1)
@@ -431,7 +461,7 @@ def test_two_rank_sft_matches_one_process_and_saves_a_loadable_checkpoint(fixtur
                 consumed[r] = state["consumed"]
                 yield x, y, dict(state, consumed=max(consumed))
 
-    monkeypatch.setattr(chat_sft, "sft_data_generator_bos_bestfit", interleaved)
+    monkeypatch.setattr(sft, "sft_data_generator_bos_bestfit", interleaved)
     monkeypatch.setenv("MLXCHAT_BASE_DIR", base_single)
     single = chat_sft.main(args)
     assert single["world_size"] == 1 and single["step"] == step

@@ -2,7 +2,8 @@
 The Python-tool sandbox (mlxchat/execution.py): every attack must fail inside the child, come back
 as a clear error, and leave this process (the "engine") working. Most tests run the full sandbox;
 the `_layers` tests switch the Python layer off to check that the kernel layer holds on its own
-(they skip where this OS/kernel lacks it). Network traffic only ever targets 127.0.0.1.
+(they skip where this OS/kernel lacks it), or the kernel layer off to check the Python layer
+alone (reads: all three). Network traffic only ever targets 127.0.0.1.
 """
 import os
 import socket
@@ -12,11 +13,15 @@ import time
 
 import pytest
 
-from mlxchat.execution import (MEMORY_ERROR, TIMEOUT_ERROR, ExecutionResult, execute_code,
-                               python_tool, sandbox_layers, use_calculator)
+from mlxchat.execution import (MEMORY_ERROR, TIMEOUT_ERROR, ExecutionResult, _read_roots,
+                               _seatbelt_profiles, execute_code, python_tool, sandbox_layers,
+                               use_calculator)
 
+ALL = ("py", "kernel", "mem")
 PY_ONLY = ("py", "mem")        # the Python layer (+ memory rlimits), no seccomp/Landlock/Seatbelt
 KERNEL_ONLY = ("kernel", "mem")  # the OS layer alone: no audit hook, no stubs
+READ_BLOCKED = ("Blocked: reading outside the sandbox directory and the Python libraries is not "
+                "allowed")
 
 
 def _gone(pid):
@@ -274,6 +279,225 @@ def test_kernel_alone_refuses_writes_outside(tmp_path):
     assert not target.exists()
 
 
+# ----------------------------------------------------------------------------- reads
+
+READ_LAYERS = pytest.mark.parametrize("layers", [ALL, KERNEL_ONLY, PY_ONLY],
+                                      ids=["all", "kernel-only", "python-only"])
+
+
+def _need_read_layers(layers):
+    """Skip the kernel-only variant where no kernel layer confines reads."""
+    if "py" not in layers and not (_layer("landlock_reads") or _layer("seatbelt_reads")):
+        pytest.skip("this kernel/OS cannot confine reads: no Landlock (Linux >= 5.13) and no "
+                    "Seatbelt read rules (macOS); only the Python layer refuses them here")
+
+
+def _read_attempts(snippets, layers):
+    """Run snippets that each set `data` by reading something, in one child; per snippet the
+    line "READ <repr(data)>" or "<ExceptionType>: <message>". Returns (lines, the result)."""
+    program = ("import os\nstart = os.getcwd()\n"
+               f"for src in {list(snippets)!r}:\n"
+               "    ns = {}\n"
+               "    try:\n"
+               "        exec(src, ns)\n"
+               "        print('READ', repr(ns.get('data')), flush=True)\n"
+               "    except BaseException as e:\n"
+               "        print(type(e).__name__ + ': ' + str(e).replace('\\n', ' '), flush=True)\n"
+               "    os.chdir(start)\n")
+    r = execute_code(program, timeout=20.0, _layers=layers)
+    assert r.success, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == len(snippets), r.stdout
+    return lines, r
+
+
+@READ_LAYERS
+def test_reads_outside_the_allowed_roots_fail(tmp_path, monkeypatch, layers):
+    _need_read_layers(layers)
+    secret = "mlxchat-secret-" + os.urandom(8).hex()
+    monkeypatch.setenv("MLXCHAT_TEST_API_KEY", secret)  # in this (the parent's) environment
+    real_home = os.path.realpath(os.path.expanduser("~"))
+    home = tmp_path / "home"      # stands in for the user's home directory
+    home.mkdir()
+    (home / ".netrc").write_text(secret)
+    monkeypatch.setenv("HOME", str(home))
+    project = tmp_path / "project"  # and for the parent's working directory
+    project.mkdir()
+    (project / "secrets.env").write_text(secret)
+    monkeypatch.chdir(project)
+    me = os.getpid()  # the sandboxed child's parent
+    reads = [
+        f"data = open('/proc/{me}/environ', 'rb').read()",
+        "import os; data = open(f'/proc/{os.getppid()}/environ', 'rb').read()",
+        f"data = open('/proc/{me}/task/{me}/environ', 'rb').read()",
+        "data = open('/etc/passwd').read()",
+        f"data = open({str(home / '.netrc')!r}).read()",
+        f"data = open({str(project / 'secrets.env')!r}).read()",
+        f"import pathlib; data = pathlib.Path({str(project / 'secrets.env')!r}).read_bytes()",
+        f"import os; fd = os.open({str(home / '.netrc')!r}, os.O_RDONLY); data = os.read(fd, 99)",
+        f"import shutil; shutil.copyfile({str(home / '.netrc')!r}, 'copy')\n"
+        "data = open('copy').read()",
+        # through symlinks that lead out: the parent's cwd, the child's own root
+        f"data = open('/proc/{me}/cwd/secrets.env').read()",
+        "data = open('/proc/self/root/etc/passwd').read()",
+        # os.open's dir_fd, from a directory outside, or through a path that climbs from a cwd
+        # deeper than the dir_fd (the "open" audit event does not show dir_fd)
+        "import os; fd = os.open('/proc/self', os.O_RDONLY)\n"
+        "data = os.read(os.open('root/etc/passwd', os.O_RDONLY, dir_fd=fd), 99)",
+        "import os; up = '../' * os.getcwd().count('/'); os.makedirs('a/b/c/d/e/f/g/h/i/j')\n"
+        "fd = os.open('.', os.O_RDONLY); os.chdir('a/b/c/d/e/f/g/h/i/j')\n"
+        "data = os.read(os.open(up + 'etc/passwd', os.O_RDONLY, dir_fd=fd), 99)",
+    ]
+    listings = [
+        "import os; data = os.listdir('/etc')",
+        f"import os; data = os.listdir({str(home)!r})",
+        f"import os; data = os.listdir({str(project)!r})",
+        f"import os; data = os.listdir({real_home!r})",
+        f"import os; data = os.listdir('/proc/{me}')",
+        f"import os; data = os.listdir('/proc/{me}/cwd')",
+        "import os; data = os.listdir('/proc')",
+        "import os; data = [e.name for e in os.scandir('/')]",
+        f"import os; os.chdir({str(project)!r}); data = os.listdir('.')",
+    ]
+    if not sys.platform.startswith("linux"):  # no /proc there: the files and listings remain
+        reads = [c for c in reads if "/proc" not in c]
+        listings = [c for c in listings if "/proc" not in c]
+    lines, r = _read_attempts(reads + listings, layers)
+    for code, out in zip(reads + listings, lines):
+        assert out.startswith("PermissionError:"), (code, out)
+        if "py" in layers:
+            assert READ_BLOCKED in out, (code, out)
+    everything = r.stdout + r.stderr + (r.error or "")
+    assert secret not in everything and "root:" not in everything
+    # as the result's error, for a program that just tries
+    r = execute_code(f"print(open({str(project / 'secrets.env')!r}).read())", _layers=layers)
+    assert not r.success and secret not in r.stdout + r.stderr
+    if "py" in layers:
+        assert r.error == f"{READ_BLOCKED} ({project / 'secrets.env'})"
+    else:
+        assert r.error.startswith("PermissionError: [Errno 13]"), r.error
+    # the sandbox's own environment is its own business: no secret there either
+    r = execute_code("print(open('/proc/self/environ', 'rb').read())", _layers=layers)
+    if sys.platform.startswith("linux"):
+        assert r.success and "PATH=/usr/bin:/bin" in r.stdout, r.stderr
+    assert secret not in r.stdout + r.stderr
+
+
+@READ_LAYERS
+def test_ordinary_programs_still_read_what_they_need(layers):
+    _need_read_layers(layers)
+    pytest.importorskip("numpy")
+    code = (
+        "import json, re, math, collections, itertools, functools, heapq, statistics, fractions\n"
+        "import decimal, datetime, time, random, hashlib, string, textwrap, unicodedata, typing\n"
+        "import dataclasses, csv, io, os, sys, tempfile, pathlib, sqlite3, mimetypes, inspect\n"
+        "import traceback, threading, zoneinfo\n"
+        "import numpy as np\n"
+        "print(np.linalg.solve(np.eye(2) * 2, np.ones(2)).tolist())\n"
+        "print(datetime.datetime(2024, 7, 1, tzinfo=zoneinfo.ZoneInfo('UTC')).isoformat())\n"
+        "print(mimetypes.guess_type('x.json')[0], 'def dumps' in inspect.getsource(json.dumps))\n"
+        # the private directory: write, read, list, walk, remove
+        "pathlib.Path('d/e').mkdir(parents=True)\n"
+        "pathlib.Path('d/e/f.txt').write_text('hi')\n"
+        "print(open('d/e/f.txt').read(), os.listdir('d'),\n"
+        "      [str(p) for p in pathlib.Path('.').rglob('*.txt')])\n"
+        "with tempfile.TemporaryDirectory() as t:\n"
+        "    open(os.path.join(t, 'x'), 'w').write('tmp')\n"
+        "    print(open(os.path.join(t, 'x')).read())\n"
+        "db = sqlite3.connect('x.db')\n"
+        "db.execute('create table t(a)'); db.execute('insert into t values (7)')\n"
+        "print(db.execute('select a from t').fetchall(),\n"
+        "      sqlite3.connect(':memory:').execute('select 1').fetchone())\n"
+        "db.commit(); db.close()\n"
+        "print(len(open('/dev/urandom', 'rb').read(4)), repr(open('/dev/null').read()))\n"
+        "if sys.platform.startswith('linux'):\n"
+        "    assert open('/proc/self/status').read().startswith('Name:')\n"
+        "    assert '0' in os.listdir('/proc/self/fd')\n"
+        "    th = threading.Thread(target=lambda: open('/proc/thread-self/stat').read())\n"
+        "    th.start(); th.join()\n"
+        "try:\n"
+        "    json.loads('{')\n"
+        "except ValueError:\n"
+        "    print('scan_once' in traceback.format_exc())  # stdlib source lines in tracebacks\n"
+        "import shutil; shutil.rmtree('d'); print(sorted(os.listdir('.')))\n")
+    r = execute_code(code, timeout=20.0, _layers=layers)
+    assert r.success, r.stderr
+    assert r.stdout == ("[0.5, 0.5]\n2024-07-01T00:00:00+00:00\napplication/json True\n"
+                        "hi ['e'] ['d/e/f.txt']\ntmp\n[(7,)] (1,)\n4 ''\nTrue\n['x.db']\n")
+
+
+# a HumanEval-shaped program (prompt's imports + completion + the problem's check + the call),
+# as tasks/humaneval.py assembles it
+_HUMANEVAL_LIKE = """from typing import List
+import hashlib
+
+
+def rolling_digest(words: List[str]) -> List[str]:
+    out, h = [], hashlib.sha256()
+    for w in words:
+        h.update(w.encode())
+        out.append(h.hexdigest()[:8])
+    return out
+
+
+def check(candidate):
+    assert candidate([]) == []
+    first = candidate(["a"])
+    assert len(first) == 1 and first[0] == hashlib.sha256(b"a").hexdigest()[:8]
+    assert candidate(["a", "b"])[1] == hashlib.sha256(b"ab").hexdigest()[:8]
+    assert candidate(["a", "b"])[0] == BROKEN
+check(rolling_digest)"""
+
+
+@READ_LAYERS
+def test_humaneval_style_programs_still_run(layers):
+    _need_read_layers(layers)
+    good = _HUMANEVAL_LIKE.replace("BROKEN", "first[0]")
+    r = execute_code(good, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, _layers=layers)
+    assert r.success, r.stderr
+    # and a wrong solution still fails (the check really ran)
+    bad = _HUMANEVAL_LIKE.replace("BROKEN", "'nope'")
+    r = execute_code(bad, timeout=5.0, maximum_memory_bytes=256 * 1024 * 1024, _layers=layers)
+    assert not r.success and r.error == "AssertionError"
+
+
+def test_read_roots_are_this_interpreters_files_only():
+    roots = _read_roots()
+
+    def readable(path):
+        path = os.path.realpath(path)
+        return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+    import json
+    assert readable(sys.executable) and readable(json.__file__) and readable(os.__file__)
+    numpy = pytest.importorskip("numpy")
+    assert readable(numpy.__file__)
+    home = os.path.realpath(os.path.expanduser("~"))
+    assert all(os.path.isabs(r) and r == os.path.realpath(r) for r in roots)
+    assert "/" not in roots and not readable(home + "/.ssh/id_rsa")
+    assert not readable("/etc/passwd") and not readable("/etc/shadow")
+    # this project (the parent's cwd while testing) is not one, though its venv may hold the Python
+    assert not readable(__file__) and not readable(os.path.dirname(os.path.abspath(__file__)))
+    if sys.platform.startswith("linux"):
+        assert readable("/etc/ld.so.cache") or not os.path.exists("/etc/ld.so.cache")
+
+
+def test_seatbelt_profiles_confine_reads(tmp_path):
+    # the profile text is checked everywhere; the macOS probe decides which one runs there
+    profiles = _seatbelt_profiles(str(tmp_path), (str(tmp_path / "guard.py"),))
+    assert [(kind, reads) for kind, reads, _ in profiles] == [
+        ("signals", True), ("plain", True), ("plain", True),
+        ("signals", False), ("plain", False), ("plain", False)]
+    strict = profiles[0][2]
+    assert "(deny file-read-data (require-not (require-any " in strict
+    assert f'(subpath "{os.path.realpath(tmp_path)}")' in strict
+    assert f'(subpath "{os.path.realpath(tmp_path / "guard.py")}")' in strict
+    for root in _read_roots():
+        assert f'(subpath "{root}")' in strict
+    assert f'(subpath "{os.path.realpath(os.path.expanduser("~"))}")' not in strict
+    assert "(deny file-read-data)\n(allow file-read-data " in profiles[2][2]
+    assert all("file-read" not in text for _, reads, text in profiles if not reads)
+
+
 # ----------------------------------------------------------------------------- network
 
 @pytest.fixture
@@ -473,6 +697,10 @@ def test_sandbox_layers_report():
     assert layers["python"] is True and layers["platform"] == sys.platform
     if sys.platform.startswith("linux"):
         assert layers["rlimit_as"] is True and layers["pdeathsig"] is True
+    # reads: the audit hook always, a kernel layer where there is one
+    assert layers["python_reads"] is True
+    assert layers["landlock_reads"] == bool(layers["landlock"])
+    assert layers["read_confinement"] == (layers["landlock_reads"] or layers["seatbelt_reads"])
 
 
 # ----------------------------------------------------------------------------- python_tool

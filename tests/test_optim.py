@@ -539,3 +539,13 @@ def test_bf16_polar_express_matches_emulation(shape):
     assert rel(outs[mx.float32], e64) < 1e-4
     assert rel(outs[mx.bfloat16], e16) < 1e-2
     assert rel(e16, e64) > 3e-2  # bf16 really is coarser here (so the check above is not vacuous)
+
+
+def test_setup_optimizer_logs_instead_of_printing(caplog):
+    # library code is quiet: the width scaling of the AdamW lrs is an INFO record of mlxchat.optim
+    import logging
+    model = GPT(GPTConfig(**TINY))
+    with caplog.at_level(logging.INFO, logger="mlxchat"):
+        setup_optimizer(model)
+    assert [(r.name, r.levelname) for r in caplog.records] == [("mlxchat.optim", "INFO")]
+    assert caplog.records[0].getMessage() == f"Scaling the LR for the AdamW parameters ∝1/√(64/768) = {(64 / 768) ** -0.5:.6f}"

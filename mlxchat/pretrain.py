@@ -1,0 +1,457 @@
+"""
+Pretraining as a library object: nanochat's base_train, driven by whoever iterates it.
+
+    from mlxchat.pretrain import BaseTrainConfig, BaseTrainRun
+    run = BaseTrainRun(BaseTrainConfig(depth=4, max_seq_len=256, data_dir="demo", num_iterations=100))
+    for event in run:          # trains; events are plain numbers and strings (mlxchat.training)
+        print(event)
+    run.result["val_bpb"]
+
+One dial, depth, derives the model (width = depth x 64 rounded up to the head dim, heads of 128), the
+training horizon (tokens = 12 x scaling params), the batch size (Power Lines: B ~ D^0.383) and the
+learning-rate / weight-decay scaling, exactly as nanochat does. A checkpoint holds the model, the
+optimizer state and the data loader's exact position, so a resumed run sees the same batches as an
+uninterrupted one.
+"""
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import mlx.core as mx
+
+from mlxchat.common import dtype_name, get_base_dir, get_compute_dtype
+from mlxchat.distributed import (DIST_TIMEOUT, all_reduce_floats, barrier, broadcast_object, broadcast_tree,
+                                 check_same_on_all_ranks, dist_beating, dist_waiting)
+from mlxchat.gpt import GPT, GPTConfig
+from mlxchat.hardware import device_memory_bytes, device_name, memory_cap
+from mlxchat.schedules import get_lr_multiplier, get_muon_momentum, get_weight_decay
+from mlxchat.training import (Checks, ConfigError, Eval, Finished, Log, Phase, Run, Samples, Started, Trainer,
+                              TrainingError, auto_device_batch_size, check_memory, config_dict, estimate_training_memory,
+                              option, parse_batch_size, step_event)
+
+# the prompts training samples greedily (base_eval samples the same ones, so the two can be compared)
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+B_REF = 2 ** 19  # nanochat's reference batch size (tokens) at d12
+
+
+@dataclass
+class BaseTrainConfig:
+    # model
+    depth: int = option(20, "number of layers: the dial that derives everything else")
+    aspect_ratio: int = option(64, "model_dim = depth * aspect_ratio (rounded up to --head-dim)")
+    head_dim: int = option(128, "attention head dimension")
+    max_seq_len: int = option(2048, "context length")
+    window_pattern: str = option("SSSL", "sliding windows per layer: L = full context, S = a quarter; last layer is always L")
+    # horizon
+    num_iterations: int = option(-1, "explicit number of steps (overrides the two below)")
+    target_flops: float = option(-1.0, "train for this many FLOPs")
+    target_param_data_ratio: float = option(12, "tokens = ratio x scaling params (nanochat: 12)")
+    # batch
+    device_batch_size: Union[int, str] = option(32, "rows per micro-batch, or 'auto' to fit --memory-limit", parse=parse_batch_size)
+    total_batch_size: int = option(-1, "tokens per optimizer step; -1 = derived from depth")
+    memory_limit: Optional[float] = option(
+        None, "GiB of memory training may use: MLX's allocator is capped there (it waits for the device instead of "
+              "queueing ops ahead of it past the cap, which costs a few %% of speed), and --device-batch-size auto picks "
+              "the largest micro-batch that fits (default: no cap with a fixed batch; 75%% of what MLX reports with auto)")
+    grad_checkpoint: int = option(0, "1 = recompute each block in the backward pass (less memory, ~30%% slower)")
+    # optimizer
+    embedding_lr: float = option(0.3, "AdamW learning rate of the token embeddings (at the d12 reference batch)")
+    unembedding_lr: float = option(0.008, "AdamW learning rate of lm_head")
+    weight_decay: float = option(0.28, "Muon cautious weight decay at the d12 reference (scaled by batch and horizon)")
+    matrix_lr: float = option(0.02, "Muon learning rate of the transformer matrices")
+    scalar_lr: float = option(0.5, "AdamW learning rate of the per-layer scalars")
+    warmup_steps: int = option(40, "linear learning-rate warmup steps")
+    warmdown_ratio: float = option(0.65, "share of the steps over which the learning rate decays at the end")
+    final_lr_frac: float = option(0.05, "the learning rate at the end, as a share of the peak")
+    # evaluation, sampling, checkpoints
+    resume_from_step: int = option(-1, "resume from this checkpoint step (-2 = the latest)")
+    eval_every: int = option(250, "val bits-per-byte every N steps (-1 = off)")
+    eval_tokens: int = option(80 * 524288, "tokens per val evaluation")
+    core_metric_every: int = option(-1, "CORE metric every N steps (-1 = off; needs the eval bundle)")
+    core_metric_max_per_task: int = option(500, "examples per CORE task (-1 = all)")
+    sample_every: int = option(2000, "greedy samples of fixed prompts every N steps (-1 = off)")
+    save_every: int = option(-1, "checkpoint every N steps (-1 = only at the end)")
+    model_tag: Optional[str] = option(None, "checkpoint folder name (default d<depth>)")
+    checkpoint_dir: Optional[str] = option(None, "the run's folder (default <base dir>/base_checkpoints/<model tag>)")
+    data_dir: Optional[str] = option(None, "parquet shards to train on (default <base>/base_data_climbmix; 'demo' = the corpus shipped with mlxchat)")
+    seed: int = option(42, "random seed (weights; the data order is fixed)")
+    # data parallel across processes / Macs (start every rank with mlx.launch)
+    dist_backend: str = option("any", "mx.distributed backend under mlx.launch: any (what the launcher set up) | ring | jaccl | mpi | nccl")
+    dist_timeout: float = option(DIST_TIMEOUT, "seconds to wait for the other ranks (to join, or in a collective) before exiting with an error")
+
+    def validate(self):
+        """Every problem of this config in one ConfigError, before anything is allocated."""
+        c = Checks()
+        c.positive(self, "depth", "aspect_ratio", "max_seq_len", "eval_tokens", "dist_timeout")
+        c.positive(self, "memory_limit", allow_none=True)
+        c.require(isinstance(self.head_dim, int) and self.head_dim >= 2 and self.head_dim % 2 == 0,
+                  f"--head-dim must be an even number >= 2 (rotary embeddings rotate pairs), got {self.head_dim!r}")
+        pattern = str(self.window_pattern).upper()
+        c.require(pattern != "" and set(pattern) <= {"S", "L"},
+                  f"--window-pattern must be letters S (a quarter of the context) and L (full context), e.g. SSSL; got {self.window_pattern!r}")
+        c.require(self.device_batch_size == "auto" or (isinstance(self.device_batch_size, int) and self.device_batch_size >= 1),
+                  f"--device-batch-size must be >= 1 or 'auto', got {self.device_batch_size!r}")
+        c.require(self.total_batch_size == -1 or self.total_batch_size >= 1,
+                  f"--total-batch-size must be a number of tokens or -1 (derived), got {self.total_batch_size!r}")
+        c.require(self.num_iterations == -1 or self.num_iterations >= 1,
+                  f"--num-iterations must be >= 1 or -1 (derived), got {self.num_iterations!r}")
+        c.require(self.target_param_data_ratio > 0, f"--target-param-data-ratio must be > 0, got {self.target_param_data_ratio!r}")
+        for name in ("embedding_lr", "unembedding_lr", "matrix_lr", "scalar_lr", "weight_decay", "warmup_steps"):
+            c.require(getattr(self, name) >= 0, f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("warmdown_ratio", "final_lr_frac"):
+            c.require(0 <= getattr(self, name) <= 1, f"--{name.replace('_', '-')} must be between 0 and 1, got {getattr(self, name)!r}")
+        c.require(self.grad_checkpoint in (0, 1), f"--grad-checkpoint must be 0 or 1, got {self.grad_checkpoint!r}")
+        c.require(self.resume_from_step >= -2, f"--resume-from-step must be a step, -1 (fresh) or -2 (the latest), got {self.resume_from_step}")
+        c.every(self, "eval_every", "core_metric_every", "sample_every", "save_every")
+        if isinstance(self.device_batch_size, int) and self.total_batch_size > 0 and isinstance(self.max_seq_len, int) \
+                and self.max_seq_len > 0 and self.device_batch_size > 0:
+            rows = self.device_batch_size * self.max_seq_len
+            c.require(self.total_batch_size % rows == 0,
+                      f"total batch {self.total_batch_size:,} tokens is not a multiple of device batch {self.device_batch_size} x "
+                      f"{self.max_seq_len}; pick --device-batch-size dividing {self.total_batch_size // self.max_seq_len} or set "
+                      f"--total-batch-size to a multiple of {rows:,}")
+        if self.data_dir not in (None, "demo"):
+            c.require(os.path.isdir(os.path.expanduser(self.data_dir)),
+                      f"--data-dir {self.data_dir}: no such folder (download shards with `python -m mlxchat.dataset -n 8`, "
+                      f"import your text with `python -m mlxchat.dataset import`, or use --data-dir demo)")
+        c.raise_if_any()
+
+    def model_config(self, vocab_size):
+        return GPTConfig.from_depth(self.depth, vocab_size, self.aspect_ratio, self.head_dim, self.max_seq_len,
+                                    self.window_pattern.upper())
+
+
+def scaling_params(config):
+    # Kaplan-style: transformer matrices + lm_head (nanochat dev/LOG 2026-01-27)
+    c = config.param_counts()
+    return c["transformer_matrices"] + c["lm_head"]
+
+
+def derive_hyperparameters(config, vocab_size):
+    """nanochat's scaling-law logic (spec §3.2), integer rounding included, from the shapes alone."""
+    model_config = config.model_config(vocab_size)
+    num_scaling = scaling_params(model_config)
+    target_tokens = int(config.target_param_data_ratio * num_scaling)
+    # the d12 reference, with the same architecture flags
+    ref = GPTConfig.from_depth(12, vocab_size, config.aspect_ratio, config.head_dim, config.max_seq_len,
+                               config.window_pattern.upper())
+    D_REF = config.target_param_data_ratio * scaling_params(ref)
+    total_batch_size = config.total_batch_size
+    if total_batch_size == -1:
+        total_batch_size = 2 ** round(math.log2(B_REF * (target_tokens / D_REF) ** 0.383))
+    batch_lr_scale = (total_batch_size / B_REF) ** 0.5
+    wd_scaled = config.weight_decay * (total_batch_size / B_REF) ** 0.5 * (D_REF / target_tokens)
+    flops_per_token = model_config.estimate_flops()
+    if config.num_iterations > 0:
+        num_iterations = config.num_iterations
+    elif config.target_flops > 0:
+        num_iterations = round(config.target_flops / (flops_per_token * total_batch_size))
+    else:
+        num_iterations = target_tokens // total_batch_size
+    return dict(num_scaling_params=num_scaling, target_tokens=target_tokens, D_REF=D_REF,
+                total_batch_size=total_batch_size, batch_lr_scale=batch_lr_scale, wd_scaled=wd_scaled,
+                flops_per_token=flops_per_token, num_iterations=num_iterations)
+
+
+class BaseTrainRun(Run):
+    stage = "base"
+
+    def _run(self):
+        from mlxchat.checkpoint_manager import _optim_path, find_last_step, load_arrays, load_checkpoint
+        from mlxchat.dataloader import join_loader_state
+        from mlxchat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader
+        from mlxchat.loss_eval import evaluate_bpb
+        from mlxchat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
+
+        cfg, rank, world_size = self.config, self.rank, self.world_size
+        master = rank == 0
+        mx.random.seed(cfg.seed)
+        dtype = get_compute_dtype()
+        yield Phase("loading")
+        yield Log(f"device: {device_name()} ({mx.default_device()}), compute dtype {dtype_name(dtype)}")
+        if world_size > 1:
+            yield Log(f"data parallel: {world_size} processes (mx.distributed, backend {cfg.dist_backend}); each reads "
+                      f"1/{world_size} of the row groups, gradients are averaged before every step")
+        tokenizer = get_tokenizer()
+        token_bytes = get_token_bytes()
+        vocab_size = tokenizer.get_vocab_size()
+        yield Log(f"vocab size: {vocab_size:,}")
+        # every Mac loads the tokenizer from its own disk: a different one would train on different token ids
+        check_same_on_all_ranks(tokenizer_fingerprint(tokenizer), "the tokenizer")
+
+        config = cfg.model_config(vocab_size)
+        hp = derive_hyperparameters(cfg, vocab_size)
+        T = cfg.max_seq_len
+        total_batch_size, num_iterations, s = hp["total_batch_size"], hp["num_iterations"], hp["batch_lr_scale"]
+        dtype_bytes = 2 if dtype in (mx.bfloat16, mx.float16) else 4
+        # refuse what cannot fit before anything is allocated (auto measures, from one row up)
+        check_memory(estimate_training_memory(config, 1 if cfg.device_batch_size == "auto" else cfg.device_batch_size,
+                                              dtype_bytes, cfg.grad_checkpoint),
+                     f"depth {cfg.depth} (width {config.n_embd}, {config.param_counts()['total']:,} parameters)")
+        yield Log(f"model config: {config.to_dict()}")
+        mx.random.seed(cfg.seed)
+        model = GPT(config)
+        counts = model.num_scaling_params()
+        for k, v in counts.items():
+            yield Log(f"  {k:24s}: {v:,}")
+
+        def make_optimizer(m):
+            return m.setup_optimizer(unembedding_lr=cfg.unembedding_lr * s, embedding_lr=cfg.embedding_lr * s,
+                                     scalar_lr=cfg.scalar_lr * s, matrix_lr=cfg.matrix_lr * s, weight_decay=hp["wd_scaled"])
+
+        cap_gib = cfg.memory_limit  # GiB, or None: MLX's own limit (see mlxchat.hardware.memory_cap)
+        if cfg.device_batch_size == "auto":
+            yield Phase("measuring")
+            limit = (cfg.memory_limit * 2 ** 30) if cfg.memory_limit else 0.75 * (device_memory_bytes() or 8e9)
+            cap_gib = limit / 2 ** 30  # the batch was measured to fit: keep the queued-ahead ops inside the budget too
+            B, fixed, per_row = auto_device_batch_size(lambda: GPT(config), make_optimizer, T, vocab_size, limit,
+                                                       cfg.grad_checkpoint, total_batch_size // world_size)
+            if world_size > 1:  # every rank measured its own Mac: all use the smallest pick
+                B = int(all_reduce_floats([B], op="min", label="agreeing on --device-batch-size auto",
+                                          timeout=10 * cfg.dist_timeout)[0])
+            yield Log(f"--device-batch-size auto: picked {B} (measured: {fixed / 2**30:.2f} GiB fixed + {per_row / 2**30:.3f} "
+                      f"GiB per row at T={T}; budget {limit / 2**30:.1f} GiB; capped by total batch {total_batch_size:,} tokens)")
+            mx.random.seed(cfg.seed)
+            model = GPT(config)
+        else:
+            B = cfg.device_batch_size
+        world_tokens_per_fwdbwd = B * T * world_size  # one micro-step of every rank
+        if total_batch_size % world_tokens_per_fwdbwd != 0:
+            if world_size == 1:
+                raise ConfigError(f"total batch {total_batch_size:,} tokens is not a multiple of device batch {B} x {T}; "
+                                  f"pick --device-batch-size dividing {total_batch_size // T} or set --total-batch-size")
+            rows = total_batch_size // (T * world_size)  # rows per process per step
+            hint = f"pick --device-batch-size dividing {rows} or " if rows else ""
+            raise ConfigError(f"total batch {total_batch_size:,} tokens is not a multiple of device batch {B} x {T} x {world_size} "
+                              f"processes = {world_tokens_per_fwdbwd:,} tokens; {hint}set --total-batch-size to a multiple "
+                              f"of {world_tokens_per_fwdbwd:,}")
+        grad_accum_steps = total_batch_size // world_tokens_per_fwdbwd
+        yield Log(f"total batch {total_batch_size:,} tokens = {B} x {T} x {grad_accum_steps} accumulation steps"
+                  + (f" x {world_size} processes" if world_size > 1 else ""))
+        yield Log(f"iterations: {num_iterations:,} ({num_iterations * total_batch_size:,} tokens, "
+                  f"ratio {num_iterations * total_batch_size / hp['num_scaling_params']:.2f}), "
+                  f"{hp['flops_per_token'] * num_iterations * total_batch_size:.3e} FLOPs")
+        yield Log(f"lr scale {s:.4f}, Muon weight decay {hp['wd_scaled']:.4f}")
+
+        optimizer = make_optimizer(model)
+        model_tag = cfg.model_tag or f"d{cfg.depth}"
+        self.run_dir = checkpoint_dir = os.path.abspath(os.path.expanduser(
+            cfg.checkpoint_dir or os.path.join(get_base_dir(), "base_checkpoints", model_tag)))
+
+        # ---- resume
+        step = 0
+        loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
+        val_bpb = None
+        loader_state = None
+        resume_step = cfg.resume_from_step
+        if resume_step == -2:
+            if world_size == 1:
+                resume_step = find_last_step(checkpoint_dir)
+            else:  # rank 0 holds the model and meta files: it decides, and a missing checkpoint stops every rank
+                try:
+                    found = find_last_step(checkpoint_dir) if master else None
+                except FileNotFoundError as e:
+                    found = str(e)
+                found = broadcast_object(found, label="agreeing on the resume step")
+                if isinstance(found, str):
+                    raise TrainingError(found)
+                resume_step = found
+        if resume_step >= 0:
+            yield Log(f"resuming from {checkpoint_dir} step {resume_step}")
+            if master:
+                model_data, optim_data, meta = load_checkpoint(checkpoint_dir, resume_step, load_optimizer=True, rank=rank)
+                model.load_state_dict(model_data)
+                del model_data
+            else:  # the other Macs need only their own optimizer + loader file; weights and meta come from rank 0
+                path = _optim_path(checkpoint_dir, resume_step, rank)
+                optim_data, meta = (load_arrays(path) if os.path.exists(path) else None), None
+            if world_size > 1:
+                meta = broadcast_object(meta, label="sending the checkpoint meta")
+                missing = all_reduce_floats([float(optim_data is None and r == rank) for r in range(world_size)],
+                                            label="checking every rank's optimizer file")
+                missing = [r for r, m in enumerate(missing) if m > 0]
+                if missing:
+                    raise TrainingError(f"step {resume_step}: no optim_{resume_step:06d}_rank<r>.safetensors for rank(s) "
+                                        f"{missing} in {checkpoint_dir} on their machines. Every rank resumes from the optimizer "
+                                        f"and loader state it saved itself: launch with the same hostfile (same Mac for each rank).")
+            if meta.get("world_size", 1) != world_size:
+                raise TrainingError(f"checkpoint step {resume_step} was written by {meta.get('world_size', 1)} process(es), this "
+                                    f"run has {world_size}: an exact resume needs the same number (each rank's data position is its own)")
+            if optim_data is None:
+                raise TrainingError(f"no optimizer state for step {resume_step} in {checkpoint_dir}: cannot resume exactly")
+            optimizer.load_state_dict(optim_data["optimizer"]["tensors"], optim_data["optimizer"]["meta"])
+            step = meta["step"]
+            loop_state = meta["loop_state"]
+            val_bpb = meta.get("val_bpb")
+            if optim_data.get("loader") and optim_data["loader"]["meta"]:  # exact: the buffered documents were saved with this rank's state
+                loader_state = join_loader_state(optim_data["loader"]["meta"], optim_data["loader"].get("arrays"))
+            else:
+                loader_state = meta["dataloader_state_dict"]
+            del optim_data
+            self._last_saved = step
+        if world_size > 1:  # every rank starts from rank 0's weights (fresh or resumed)
+            model.update(broadcast_tree(model.parameters(), label="sending rank 0's weights"))
+        self.step = step
+
+        resolved = dict(config_dict(cfg), device_batch_size=B, total_batch_size=total_batch_size, num_iterations=num_iterations,
+                        grad_accum_steps=grad_accum_steps, model_config=config.to_dict(), world_size=world_size,
+                        compute_dtype=dtype_name(dtype), **{k: v for k, v in hp.items() if k not in ("total_batch_size", "num_iterations")})
+        yield Started(stage=self.stage, run_dir=checkpoint_dir, config=resolved, num_params=counts["total"],
+                      tokens_per_step=total_batch_size, flops_per_token=hp["flops_per_token"], total_steps=num_iterations,
+                      start_step=step, world_size=world_size, device=device_name(), pid=os.getpid())
+
+        yield Phase("tokenizing", step)
+        train_loader = make_loader(tokenizer, B, T, split="train", resume_state_dict=loader_state, data_dir=cfg.data_dir,
+                                   exact_state=True, rank=rank, world_size=world_size)
+        pending = [next(train_loader)]
+        consumed = {"state": loader_state}
+
+        def next_batch():
+            bx, by, state = pending.pop()
+            consumed["state"] = state  # where a resume continues from, once this batch is trained on
+            pending.append(next(train_loader))  # prefetch: tokenization overlaps the async compute
+            return bx, by
+
+        from mlxchat.distributed import all_reduce_mean
+
+        def grad_reduce(grads):  # data parallel: every rank steps with the mean gradient over all ranks
+            return all_reduce_mean(grads, label=f"step {self.step + 1:05d}: gradient all-reduce")
+
+        trainer = Trainer(model, optimizer, grad_accum_steps, cfg.grad_checkpoint,
+                          grad_reduce=grad_reduce if world_size > 1 else None)
+        self._checkpoint_parts = dict(model=model, optimizer=optimizer, config=config, B=B, T=T, dtype=dtype,
+                                      total_batch_size=total_batch_size, consumed=consumed, loop_state=loop_state)
+        self._val_bpb = val_bpb
+
+        losses, mean_losses, val_history, core_history = [], [], [], []
+        first_step = step
+        smooth = loop_state["smooth_train_loss"]
+        status = "finished"
+        # MLX's memory limit is put back after the loop (it is process-wide)
+        with memory_cap(cap_gib):
+            mx.reset_peak_memory()
+            while True:
+                last_step = step == num_iterations
+                if cfg.eval_every > 0 and (last_step or step % cfg.eval_every == 0):
+                    yield Phase("evaluating", step)
+                    # every rank evaluates its share of the val row groups; evaluate_bpb sums nats and bytes over ranks
+                    eval_steps = max(1, cfg.eval_tokens // (B * T * world_size))
+                    val_loader = make_loader(tokenizer, B, T, split="val", data_dir=cfg.data_dir, rank=rank, world_size=world_size)
+                    with dist_waiting(f"step {step:05d}: val bpb"):
+                        val_bpb = evaluate_bpb(model, dist_beating((bx, by) for bx, by, _ in val_loader), eval_steps, token_bytes)
+                    self._val_bpb = val_bpb
+                    loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
+                    val_history.append((step, val_bpb))
+                    yield Eval(step, {"val_bpb": val_bpb})
+                if cfg.core_metric_every > 0 and (last_step or (step > 0 and step % cfg.core_metric_every == 0)):
+                    yield Phase("evaluating", step)
+                    from mlxchat.core_eval import evaluate_core
+                    with dist_waiting(f"step {step:05d}: CORE", timeout=float("inf")):
+                        core = evaluate_core(model, tokenizer, max_per_task=cfg.core_metric_max_per_task, progress=False)
+                    core_history.append((step, core["core_metric"]))
+                    yield Eval(step, {"core_metric": core["core_metric"], **core["centered_results"]})
+                if master and cfg.sample_every > 0 and (last_step or (step > 0 and step % cfg.sample_every == 0)):
+                    yield Phase("sampling", step)
+                    yield Samples(step, sample_completions(model, tokenizer, SAMPLE_PROMPTS))
+                if last_step:
+                    yield from self._save(step)
+                    break
+                if step > 0 and step != first_step and cfg.save_every > 0 and step % cfg.save_every == 0:
+                    yield from self._save(step)
+                if (yield from self._boundary(step)):
+                    status = "stopped"
+                    yield from self._save(step)
+                    break
+
+                # ---- one optimizer step
+                lrm = get_lr_multiplier(step, num_iterations, cfg.warmup_steps, cfg.warmdown_ratio, cfg.final_lr_frac)
+                momentum = get_muon_momentum(step, num_iterations, cfg.warmdown_ratio)
+                muon_wd = get_weight_decay(step, num_iterations, hp["wd_scaled"])
+                for group in optimizer.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+                    if group["kind"] == "muon":
+                        group["momentum"] = momentum
+                        group["weight_decay"] = muon_wd
+                # randomness (none in the step today, dropout-free model) is a function of (seed, step), so a
+                # resumed run draws exactly what the uninterrupted one would: the seed is the RNG state
+                mx.random.seed(cfg.seed * 1_000_003 + step)
+                if step == first_step:
+                    yield Phase("compiling", step)
+                t0 = time.time()
+                loss, mean_loss = trainer.step(next_batch)
+                loss, mean_loss = self._sync(step + 1, loss, mean_loss)  # averaged over ranks, with any commands
+                dt = time.time() - t0
+                step += 1
+                self.step = step
+                losses.append((step, loss))
+                mean_losses.append((step, mean_loss))
+                smooth = 0.9 * smooth + 0.1 * loss
+                debiased = smooth / (1 - 0.9 ** step)
+                if step > 10:
+                    loop_state["total_training_time"] += dt
+                loop_state["smooth_train_loss"] = smooth
+                avg_dt = loop_state["total_training_time"] / (step - 10) if step > 10 else dt
+                if step == first_step + 1:
+                    yield Phase("running", step)
+                yield step_event(step, num_iterations, loss, debiased, lrm, dt, total_batch_size, hp["flops_per_token"],
+                                 world_size, loop_state["total_training_time"], avg_dt * (num_iterations - step),
+                                 step / max(num_iterations, 1))
+                notice = self._after_step(step, first_step, cap_gib)
+                if notice is not None:
+                    yield notice
+
+        # the other ranks wait for rank 0's last checkpoint, so that all exit together once it is complete
+        barrier("end of training: waiting for rank 0 to finish writing the checkpoint")
+        peak = mx.get_peak_memory() / 2 ** 30
+        min_bpb = loop_state["min_val_bpb"] if loop_state["min_val_bpb"] != float("inf") else None
+        self.result = {"val_bpb": val_bpb, "min_val_bpb": loop_state["min_val_bpb"], "peak_memory_gib": peak, "step": step,
+                       "losses": losses, "mean_losses": mean_losses, "val_bpb_history": val_history,
+                       "core_history": core_history, "checkpoint_dir": checkpoint_dir, "rank": rank,
+                       "world_size": world_size, "status": status}
+        yield Finished(status=status, step=step, summary={
+            "Number of parameters": counts["total"], "Number of training tokens": step * total_batch_size,
+            "Device batch size": B, "Compute dtype": dtype_name(dtype), "Device": device_name(),
+            "Minimum validation bpb": min_bpb, "Final validation bpb": val_bpb,
+            "Total training time": loop_state["total_training_time"], "Peak memory (GiB)": round(peak, 3),
+            "Peak memory cap (GiB)": cap_gib, "Checkpoint dir": checkpoint_dir})
+
+    def save_checkpoint(self, step):
+        from mlxchat.checkpoint_manager import save_training_checkpoint
+        from mlxchat.dataloader import split_loader_state
+        p, cfg = self._checkpoint_parts, self.config
+        consumed = p["consumed"]["state"]
+        loader_meta, loader_arrays = split_loader_state(consumed) if consumed else (None, None)
+        meta = {
+            "step": step, "val_bpb": self._val_bpb, "model_config": p["config"].to_dict(), "user_config": config_dict(cfg),
+            "device_batch_size": p["B"], "max_seq_len": p["T"], "total_batch_size": p["total_batch_size"],
+            # nanochat's (approximate) resume keys; the exact loader state is in the optim file
+            "dataloader_state_dict": {k: loader_meta[k] for k in ("pq_idx", "rg_idx", "epoch")} if loader_meta else None,
+            "loop_state": p["loop_state"],
+            "tokens_seen": step * p["total_batch_size"], "seed": cfg.seed,
+            "compute_dtype": dtype_name(p["dtype"]), "world_size": self.world_size,
+        }
+        # each rank's exact loader state goes into its own optimizer file
+        save_training_checkpoint(self.run_dir, step, p["model"], p["optimizer"], meta,
+                                 loader={"meta": loader_meta, "arrays": loader_arrays})
+
+
+def sample_completions(model, tokenizer, prompts, max_tokens=16):
+    """Greedy completions of `prompts`: [[prompt, completion], ...]."""
+    from mlxchat.engine import Engine
+    engine = Engine(model, tokenizer)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        results, _ = engine.generate_batch(ids, num_samples=1, max_tokens=max_tokens, temperature=0)
+        out.append([prompt, tokenizer.decode(results[0][len(ids):])])
+    return out

@@ -1,0 +1,662 @@
+"""
+Training as a library: what every training run shares, whoever drives it (a script, the dashboard,
+a notebook, a test).
+
+    Trainer          one optimizer step: compiled forward+backward per micro-batch, accumulation,
+                     the all-reduce across ranks, the optimizer
+    events           what a run yields while it trains (Started, Phase, Step, Eval, Samples, Saved,
+                     Notice, Ack, Finished): plain Python numbers and strings, never MLX arrays
+    RunControl       commands in (pause, resume, save now, stop), from any thread, taken at the next
+                     step boundary
+    MetricsLog       every event appended to <checkpoint dir>/metrics.jsonl; follow_metrics() reads it
+                     from another process
+"""
+import gc
+import json
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_map
+
+from mlxchat.distributed import DistributedError, all_reduce_floats, get_dist_info
+from mlxchat.hardware import get_peak_flops, memory_cap, over_cap_message
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on: the message says what happened and what to do."""
+
+
+class ConfigError(TrainingError, ValueError):
+    """A config that cannot run, found before anything is allocated."""
+
+
+# -----------------------------------------------------------------------------
+# the training step
+
+class Trainer:
+    """Compiled forward+backward per micro-batch, gradient accumulation, compiled optimizer step.
+    Each micro-batch is queued with mx.async_eval as soon as it is built: the device starts on it
+    while the host fetches the next batch and builds the next graph (the optimizer's ~400 ops
+    included), so that host work hides behind device work instead of adding to the step. The device
+    runs the queue in order, so memory stays bounded to about one micro-batch of activations."""
+
+    def __init__(self, model, optimizer, grad_accum_steps, grad_checkpoint=False, grad_reduce=None):
+        self.model, self.optimizer, self.grad_accum_steps = model, optimizer, grad_accum_steps
+        self.grad_reduce = grad_reduce  # e.g. an all-reduce mean across processes (data parallel)
+        model.grad_checkpoint = bool(grad_checkpoint)
+        loss_and_grad = nn.value_and_grad(model, lambda x, y: model(x, y))
+        # value_and_grad writes the traced parameters into the model: they must be compile outputs too
+        self._fwd_bwd = mx.compile(loss_and_grad, inputs=model.state, outputs=model.state)
+        scale = 1.0 / grad_accum_steps
+        self._accumulate = mx.compile(lambda acc, g: tree_map(lambda a, b: a + b * scale, acc, g))
+        self._first = mx.compile(lambda g: tree_map(lambda b: b * scale, g))
+
+    def step(self, next_batch):
+        """Run grad_accum_steps micro-batches (fetched with next_batch()) and one optimizer step.
+        Returns the loss of the last micro-batch (as nanochat logs it) and the mean loss."""
+        acc, losses = None, []
+        for _ in range(self.grad_accum_steps):
+            x, y = next_batch()
+            loss, grads = self._fwd_bwd(x, y)
+            if acc is None:
+                # one micro-batch: the gradients as they are (scaling by 1 would be a full copy of them,
+                # alive beside the originals at the optimizer step: +1.1 GiB at d12)
+                acc = grads if self.grad_accum_steps == 1 else self._first(grads)
+            else:
+                acc = self._accumulate(acc, grads)
+            losses.append(loss)
+            mx.async_eval(acc, loss)
+        if self.grad_reduce is not None:
+            acc = self.grad_reduce(acc)
+        self.optimizer.step(self.model, acc)
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        return losses[-1].item(), sum(l.item() for l in losses) / len(losses)
+
+
+def measure_peak_memory(model_factory, optimizer_factory, B, T, vocab_size, grad_checkpoint):
+    """Peak memory (bytes) of one full training step at micro-batch B, on random tokens."""
+    model = model_factory()
+    optimizer = optimizer_factory(model)
+    trainer = Trainer(model, optimizer, 1, grad_checkpoint)
+    x = mx.random.randint(0, vocab_size, (B, T)).astype(mx.int32)
+    mx.eval(x)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    trainer.step(lambda: (x, x))
+    peak = mx.get_peak_memory()
+    del trainer, optimizer, model
+    gc.collect()
+    mx.clear_cache()
+    return peak
+
+
+def auto_device_batch_size(model_factory, optimizer_factory, T, vocab_size, limit_bytes, grad_checkpoint, tokens_per_step):
+    """Largest power-of-two micro-batch whose measured peak fits the budget. Peak memory is linear in
+    B (weights + optimizer state + B x activations), so two small measurements predict the rest;
+    the pick is then verified with a real step."""
+    p1 = measure_peak_memory(model_factory, optimizer_factory, 1, T, vocab_size, grad_checkpoint)
+    p2 = measure_peak_memory(model_factory, optimizer_factory, 2, T, vocab_size, grad_checkpoint)
+    per_row = max(p2 - p1, 1)
+    fixed = p1 - per_row
+    B = 1
+    while B * 2 * T <= tokens_per_step and fixed + per_row * B * 2 <= limit_bytes and B < 1024:
+        B *= 2
+    if fixed + per_row * B > limit_bytes:
+        raise ConfigError(f"even micro-batch 1 needs ~{p1 / 2**30:.1f} GiB, over the {limit_bytes / 2**30:.1f} GiB budget: "
+                         f"use a smaller --depth or --max-seq-len, --grad-checkpoint 1, or raise --memory-limit")
+    while B > 1:
+        peak = measure_peak_memory(model_factory, optimizer_factory, B, T, vocab_size, grad_checkpoint)
+        if peak <= limit_bytes:
+            break
+        B //= 2
+    return B, fixed, per_row
+
+
+def estimate_training_memory(config, device_batch_size, dtype_bytes=4, grad_checkpoint=False):
+    """A lower bound on the bytes one training step of GPT(config) needs at this micro-batch, from the
+    shapes alone (nothing is allocated): fp32 master weights, their gradients, the optimizer state
+    (Muon's momentum for the matrices, AdamW's two moments for the rest), and the activations kept for
+    the backward pass (at least ~4 (B, T, C) arrays per layer, one per layer with checkpointing, plus
+    the fp32 logits of one chunk of the loss). Used to refuse a config that cannot possibly fit before
+    anything is allocated; --device-batch-size auto measures the real figure."""
+    c = config.param_counts()
+    params = c["total"]
+    matrices = c["transformer_matrices"]
+    state = 4 * (params + params + matrices + 2 * (params - matrices))
+    B, T, C = device_batch_size, config.sequence_len, config.n_embd
+    per_layer = (1 if grad_checkpoint else 4) * B * T * C * dtype_bytes
+    logits = B * min(T, 1024) * config.padded_vocab_size() * 4
+    return state + config.n_layer * per_layer + logits
+
+
+# -----------------------------------------------------------------------------
+# events: what a run yields. Only Python numbers, strings, lists and dicts: they cross threads and
+# processes (the dashboard's UI thread, metrics.jsonl) without touching MLX.
+
+@dataclass
+class Event:
+    kind: ClassVar[str] = "event"
+
+    def to_dict(self):
+        return {"event": self.kind, **asdict(self)}
+
+
+@dataclass
+class Started(Event):
+    """The run is set up: its resolved config (every derived value), size and horizon."""
+    kind: ClassVar[str] = "started"
+    stage: str
+    run_dir: str
+    config: dict
+    num_params: int
+    tokens_per_step: int
+    flops_per_token: float
+    total_steps: Optional[int]  # None: until the data runs out (SFT without --num-iterations)
+    start_step: int
+    world_size: int = 1
+    device: str = ""
+    pid: int = 0
+
+
+@dataclass
+class Phase(Event):
+    """What the run is doing now: loading, tokenizing, measuring, compiling, running, evaluating,
+    sampling, saving, paused."""
+    kind: ClassVar[str] = "phase"
+    name: str
+    step: int = 0
+
+
+@dataclass
+class Log(Event):
+    """A line of information (what the scripts print): the config, data, resume details."""
+    kind: ClassVar[str] = "log"
+    text: str
+
+
+@dataclass
+class Notice(Event):
+    """Something the user should know and may fix (e.g. the step does not fit the memory cap)."""
+    kind: ClassVar[str] = "notice"
+    text: str
+    level: str = "warning"
+
+
+@dataclass
+class Step(Event):
+    kind: ClassVar[str] = "step"
+    step: int
+    total: Optional[int]
+    loss: float  # the last micro-batch's (as nanochat logs it), averaged over ranks
+    smooth_loss: float  # EMA (0.9), debiased
+    lrm: float
+    dt: float  # seconds of this step
+    tok_per_sec: float
+    mfu: Optional[float]  # percent; None where the device's peak is unknown (CPUs)
+    active_gib: float
+    peak_gib: float
+    elapsed: float  # training seconds so far (compilation excluded)
+    eta: Optional[float]  # seconds
+    progress: float  # 0..1
+    extra: dict = field(default_factory=dict)  # stage-specific: epoch, reward, answer length, ...
+
+
+@dataclass
+class Eval(Event):
+    kind: ClassVar[str] = "eval"
+    step: int
+    metrics: dict  # val_bpb; core_metric; ChatCORE and its tasks; pass@k and mean reward
+
+
+@dataclass
+class Samples(Event):
+    kind: ClassVar[str] = "samples"
+    step: int
+    samples: list  # [prompt, completion] pairs
+
+
+@dataclass
+class Saved(Event):
+    kind: ClassVar[str] = "saved"
+    step: int
+    path: str  # the checkpoint directory
+
+
+@dataclass
+class Ack(Event):
+    """A command from RunControl took effect (at this step boundary)."""
+    kind: ClassVar[str] = "ack"
+    command: str  # pause | resume | save | stop
+    step: int
+
+
+@dataclass
+class Finished(Event):
+    """The last event of every run: status finished (its horizon reached), stopped (a stop command)
+    or failed (error holds the message)."""
+    kind: ClassVar[str] = "finished"
+    status: str
+    step: int
+    summary: dict = field(default_factory=dict)
+    error: Optional[str] = None
+
+
+# -----------------------------------------------------------------------------
+# commands in
+
+COMMANDS = ("pause", "resume", "save", "stop")
+
+
+class RunControl:
+    """Pause, resume, save now and stop a run, from any thread (a key press in the dashboard, a
+    signal handler in a script, another process through the run folder). Commands queue up; the run
+    takes them at its next step boundary, never inside an optimizer step, and acknowledges each with
+    an Ack event. With several ranks, each command rides on the per-step all-reduce, so all ranks act
+    at the same step. Stop saves a checkpoint first."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._pending = []
+        self._wake = threading.Event()
+        self.stop_requested = False  # set by stop(), never cleared: a second Ctrl-C can tell
+
+    def pause(self):
+        self._send("pause")
+
+    def resume(self):
+        self._send("resume")
+
+    def save_now(self):
+        self._send("save")
+
+    def stop(self):
+        self.stop_requested = True
+        self._send("stop")
+
+    def send(self, command):
+        """One of COMMANDS by name (what a command channel receives)."""
+        if command not in COMMANDS:
+            raise ValueError(f"unknown command {command!r}: one of {', '.join(COMMANDS)}")
+        if command == "stop":
+            self.stop_requested = True
+        self._send(command)
+
+    def _send(self, command):
+        with self._lock:
+            self._pending.append(command)
+        self._wake.set()
+
+    def take(self):
+        """The commands sent since the last take(), oldest first."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+            self._wake.clear()
+        return pending
+
+    def wait(self, timeout):
+        """Block until a command arrives or `timeout` seconds pass (a paused run waits here)."""
+        self._wake.wait(timeout)
+
+
+def _flags(commands):
+    return [float(c in commands) for c in COMMANDS]
+
+
+# -----------------------------------------------------------------------------
+# metrics on disk
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends each event as one JSON line to <run dir>/metrics.jsonl, flushed at once, so that
+    another process (the dashboard's attach mode, the report) can follow the run. A resumed run
+    appends to the same file: readers keep the last record of a step."""
+
+    def __init__(self, run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        self.path = os.path.join(run_dir, METRICS_FILE)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def write(self, record):
+        self._f.write(json.dumps(record, default=_json_number) + "\n")
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+def _json_number(o):
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+class MetricsFollower:
+    """Reads a metrics.jsonl that another process is appending to. poll() returns the complete
+    records written since the last call: a last line without its newline (the writer is mid-write, or
+    was killed mid-write) is kept back until it is complete, a line that is not JSON is skipped, and a
+    file that shrank (replaced) is read again from its start."""
+
+    def __init__(self, path):
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+
+    def poll(self):
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            return []
+        if size < self._offset:
+            self._offset, self._partial = 0, b""
+        if size == self._offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            data = f.read(size - self._offset)
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()  # b"" when the data ended with a newline
+        records = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+def read_metrics(path):
+    """Every complete record of a metrics.jsonl (a torn last line is left out)."""
+    return MetricsFollower(path).poll()
+
+
+def follow_metrics(path, poll_interval=0.5, stop=None):
+    """Yield the records of a metrics.jsonl as they are written, until stop() returns True."""
+    follower = MetricsFollower(path)
+    while True:
+        yield from follower.poll()
+        if stop is not None and stop():
+            return
+        time.sleep(poll_interval)
+
+
+# -----------------------------------------------------------------------------
+# configs: dataclasses whose fields carry their defaults and help text (the scripts' argparse and the
+# dashboard's forms are built from them)
+
+def option(default, help, **metadata):
+    """A config field with its help text; metadata may add `choices`, `parse` (str -> value, for the
+    command line) and `cli=False` (not a flag)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
+def parse_batch_size(text):
+    """--device-batch-size: a positive integer or 'auto'."""
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"must be an integer or 'auto', got {text!r}") from None
+
+
+def config_dict(config):
+    return {f.name: getattr(config, f.name) for f in fields(config)}
+
+
+class Checks:
+    """Collects what is wrong with a config, so that one ConfigError names every problem (in the
+    words of the command-line flags, which the dashboard shows too)."""
+
+    def __init__(self):
+        self.problems = []
+
+    def require(self, ok, message):
+        if not ok:
+            self.problems.append(message)
+
+    def every(self, config, *names):
+        """Interval flags: -1 (off) or a positive number of steps (0 would divide by zero)."""
+        for name in names:
+            v = getattr(config, name)
+            self.require(isinstance(v, int) and (v == -1 or v > 0),
+                         f"--{name.replace('_', '-')} must be a positive number of steps or -1 (off), got {v!r}")
+
+    def positive(self, config, *names, allow_none=False):
+        for name in names:
+            v = getattr(config, name)
+            if v is None and allow_none:
+                continue
+            self.require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                         f"--{name.replace('_', '-')} must be > 0, got {v!r}")
+
+    def raise_if_any(self):
+        if self.problems:
+            raise ConfigError("; ".join(self.problems))
+
+
+def check_memory(need_bytes, what, limit_bytes=None):
+    """Refuse a run that cannot fit this machine, before anything is allocated."""
+    from mlxchat.hardware import device_memory_bytes
+    limit = limit_bytes or device_memory_bytes()
+    if limit and need_bytes > limit:
+        raise ConfigError(f"{what} needs at least {need_bytes / 2 ** 30:.1f} GiB (weights, gradients, optimizer state and "
+                          f"activations), more than the {limit / 2 ** 30:.1f} GiB this machine has: use a smaller --depth, "
+                          f"--max-seq-len or --device-batch-size, or --grad-checkpoint 1")
+
+
+# -----------------------------------------------------------------------------
+# a run: iterate it to train
+
+def _known_errors():
+    """Failures with a clear message of their own: they end a run as TrainingError (no traceback)."""
+    from mlxchat.dataset import DataError, DownloadError
+    from mlxchat.tokenizer import TokenizerError
+    from mlxchat.torch_io import CheckpointError
+    return (TrainingError, DistributedError, CheckpointError, TokenizerError, DataError, DownloadError, FileNotFoundError)
+
+
+class Run:
+    """A training run: `for event in run: ...` trains and yields events; `run.control` takes commands
+    from any thread; `run.result` holds the numbers once it finished. Nothing happens before the first
+    event is asked for, and all of a run's MLX work happens on the thread that iterates it (MLX's
+    streams belong to the thread that made them): iterate a run on one thread, and hand only its
+    events (Python numbers and strings) to others.
+
+    The config is validated in the constructor (ConfigError, before anything is allocated). Every
+    event is appended to <run dir>/metrics.jsonl on rank 0. A failure ends the iteration with a
+    Finished(status="failed") event, then raises TrainingError (or the original exception, for bugs)."""
+
+    stage = "run"
+
+    def __init__(self, config, control=None, freeze_gc=False):
+        config.validate()
+        self.config = config
+        self.control = control if control is not None else RunControl()
+        self.freeze_gc = freeze_gc  # gc.freeze() after the first step (the scripts opt in; undone at the end)
+        self.result = None
+        self.run_dir = None
+        self.step = 0
+        self.rank, self.world_size, _ = get_dist_info()
+        self._metrics = None
+        self._early = []  # events before the run dir is known
+        self._agreed = []  # commands all ranks agreed on at the last step
+        self._last_saved = None
+        self._frozen = False
+
+    def __iter__(self):
+        return self._events()
+
+    def run(self, on_event=None):
+        """Train to the end (or a stop); call on_event(event) for each event. Returns self.result."""
+        for event in self:
+            if on_event is not None:
+                on_event(event)
+        return self.result
+
+    # -- the event stream
+
+    def _record(self, event):
+        if self.rank != 0:
+            return
+        if self._metrics is None and self.run_dir is not None:
+            self._metrics = MetricsLog(self.run_dir)
+            for e in self._early:
+                self._metrics.write(e)
+            self._early = []
+        record = dict(event.to_dict(), time=round(time.time(), 3))
+        if self._metrics is not None:
+            self._metrics.write(record)
+        else:
+            self._early.append(record)
+
+    def _events(self):
+        owner = threading.get_ident()
+        known = _known_errors()
+        try:
+            for event in self._run():
+                self._record(event)
+                yield event
+                if threading.get_ident() != owner:
+                    raise TrainingError("a run must be iterated on the thread that started it: MLX's streams belong "
+                                        "to the thread that made them")
+        except known as e:
+            error = e if isinstance(e, TrainingError) else TrainingError(str(e))
+            self._fail(error)
+            yield Finished(status="failed", step=self.step, error=str(error))
+            if error is e:
+                raise
+            raise error from e
+        except Exception as e:
+            self._fail(e)
+            yield Finished(status="failed", step=self.step, error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            if self._frozen:
+                gc.unfreeze()
+                self._frozen = False
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
+
+    def _fail(self, error):
+        text = str(error) if isinstance(error, TrainingError) else f"{type(error).__name__}: {error}"
+        self._record(Finished(status="failed", step=self.step, error=text))
+
+    def _run(self):
+        raise NotImplementedError
+
+    # -- step boundaries
+
+    def _sync(self, step, loss, mean_loss):
+        """After each optimizer step (number `step`): the losses averaged over ranks, and the commands
+        any rank received, in one small all-reduce, so that every rank acts on them at the same step."""
+        flags = _flags(self.control.take())
+        if self.world_size > 1:
+            out = all_reduce_floats([loss, mean_loss, *flags], label=f"step {step:05d}: loss all-reduce")
+            loss, mean_loss, flags = out[0] / self.world_size, out[1] / self.world_size, out[2:]
+        self._agreed = [c for c, f in zip(COMMANDS, flags) if f > 0]
+        return loss, mean_loss
+
+    def _boundary(self, step):
+        """Act on the commands agreed at the last step (generator of events). Returns True to stop."""
+        commands, self._agreed = self._agreed, []
+        stop = "stop" in commands
+        if "save" in commands and not stop:
+            yield Ack("save", step)
+            yield from self._save(step)
+        if "pause" in commands and not stop:
+            yield Ack("pause", step)
+            yield Phase("paused", step)
+            stop = yield from self._paused(step)
+            if not stop:
+                yield Phase("running", step)
+        elif "resume" in commands:
+            yield Ack("resume", step)  # nothing was paused: acknowledged all the same
+        if stop:
+            yield Ack("stop", step)
+        return stop
+
+    def _paused(self, step):
+        """Wait for resume or stop (save works while paused). With several ranks, all of them poll
+        together a few times a second: each poll is a fresh collective, so no watchdog fires."""
+        while True:
+            self.control.wait(0.25)
+            flags = _flags(self.control.take())
+            if self.world_size > 1:
+                flags = all_reduce_floats(flags, label=f"step {step:05d}: paused")
+            commands = [c for c, f in zip(COMMANDS, flags) if f > 0]
+            if "stop" in commands:
+                yield Ack("stop", step)
+                return True
+            if "save" in commands:
+                yield Ack("save", step)
+                yield from self._save(step)
+                yield Phase("paused", step)
+            if "resume" in commands:
+                yield Ack("resume", step)
+                return False
+
+    def _save(self, step):
+        if step == self._last_saved:
+            return
+        yield Phase("saving", step)
+        self.save_checkpoint(step)
+        self._last_saved = step
+        yield Saved(step, self.run_dir)
+
+    def save_checkpoint(self, step):
+        raise NotImplementedError
+
+    def _after_step(self, step, first_step, limit_gib):
+        """Process-wide odds and ends after an optimizer step; returns a Notice or None."""
+        if self.freeze_gc and not self._frozen:
+            # nothing allocated by setup is garbage: stop the collector from scanning it every step
+            gc.collect()
+            gc.freeze()
+            self._frozen = True
+        if step == first_step + 3:  # compiled and past the first steps' allocations
+            text = over_cap_message(limit_gib)
+            if text:
+                return Notice(text)
+        return None
+
+
+def step_event(step, total, loss, smooth_loss, lrm, dt, tokens_per_step, flops_per_token, world_size, elapsed, eta,
+               progress, **extra):
+    """A Step event with the speed, MFU and memory figures filled in."""
+    tok_per_sec = tokens_per_step / dt if dt > 0 else 0.0
+    peak = get_peak_flops()
+    mfu = 100 * flops_per_token * tok_per_sec / (peak * world_size) if peak and flops_per_token else None
+    return Step(step=step, total=total, loss=float(loss), smooth_loss=float(smooth_loss), lrm=float(lrm), dt=dt,
+                tok_per_sec=tok_per_sec, mfu=mfu, active_gib=mx.get_active_memory() / 2 ** 30,
+                peak_gib=mx.get_peak_memory() / 2 ** 30, elapsed=elapsed, eta=eta, progress=progress, extra=extra)
+
+
+def run_in_thread(run, on_event, name="mlxchat-train"):
+    """Iterate `run` on a new thread, calling on_event(event) there for each event (post it to your UI
+    from there; never touch MLX arrays in it). The thread releases its MLX streams when it ends (a
+    thread that does not can make the process abort at exit). Returns the started thread; the run's
+    exception, if any, is kept in thread.error."""
+
+    def target():
+        try:
+            run.run(on_event)
+        except BaseException as e:  # noqa: BLE001  (kept for the caller, who joins the thread)
+            thread.error = e
+        finally:
+            mx.clear_streams()
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.error = None
+    thread.start()
+    return thread
