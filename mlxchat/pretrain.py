@@ -322,13 +322,7 @@ class BaseTrainRun(Run):
             pending.append(next(train_loader))  # prefetch: tokenization overlaps the async compute
             return bx, by
 
-        from mlxchat.distributed import all_reduce_mean
-
-        def grad_reduce(grads):  # data parallel: every rank steps with the mean gradient over all ranks
-            return all_reduce_mean(grads, label=f"step {self.step + 1:05d}: gradient all-reduce")
-
-        trainer = Trainer(model, optimizer, grad_accum_steps, cfg.grad_checkpoint,
-                          grad_reduce=grad_reduce if world_size > 1 else None)
+        trainer = Trainer(model, optimizer, grad_accum_steps, cfg.grad_checkpoint, grad_reduce=self._grad_reduce())
         self._checkpoint_parts = dict(model=model, optimizer=optimizer, config=config, B=B, T=T, dtype=dtype,
                                       total_batch_size=total_batch_size, consumed=consumed, loop_state=loop_state)
         self._val_bpb = val_bpb

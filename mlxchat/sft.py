@@ -476,11 +476,7 @@ class SFTRun(Run):
                       tokens_per_step=total_batch_size, flops_per_token=float(model.estimate_flops()), total_steps=total_steps,
                       start_step=0, world_size=world_size, device=device_name(), pid=os.getpid())
 
-        def grad_reduce(grads):  # data parallel: every rank steps with the mean gradient over all ranks
-            from mlxchat.distributed import all_reduce_mean
-            return all_reduce_mean(grads, label=f"step {self.step + 1:05d}: gradient all-reduce")
-
-        trainer = Trainer(model, optimizer, grad_accum_steps, grad_reduce=grad_reduce if world_size > 1 else None)
+        trainer = Trainer(model, optimizer, grad_accum_steps, grad_reduce=self._grad_reduce())
         flops_per_token = float(model.estimate_flops())
         step, smooth, val_bpb, initial_val_bpb, train_time = 0, 0.0, None, None, 0.0
         self._val_bpb = None

@@ -23,7 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
-from mlxchat.distributed import DistributedError, all_reduce_floats, get_dist_info
+from mlxchat.distributed import DistributedError, all_reduce_floats, all_reduce_mean, get_dist_info
 from mlxchat.hardware import get_peak_flops, memory_cap, over_cap_message
 
 
@@ -616,6 +616,15 @@ class Run:
 
     def save_checkpoint(self, step):
         raise NotImplementedError
+
+    def _grad_reduce(self):
+        """For Trainer: with several ranks, every rank steps with the mean gradient over all ranks."""
+        if self.world_size == 1:
+            return None
+
+        def reduce(grads):
+            return all_reduce_mean(grads, label=f"step {self.step + 1:05d}: gradient all-reduce")
+        return reduce
 
     def _after_step(self, step, first_step, limit_gib):
         """Process-wide odds and ends after an optimizer step; returns a Notice or None."""
