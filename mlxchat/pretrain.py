@@ -167,8 +167,8 @@ class BaseTrainRun(Run):
     stage = "base"
 
     def _run(self):
-        from mlxchat.checkpoint_manager import _optim_path, find_last_step, load_arrays, load_checkpoint
-        from mlxchat.dataloader import join_loader_state
+        from mlxchat.checkpoint_manager import _optim_path, find_last_step, load_arrays, load_checkpoint, save_training_checkpoint
+        from mlxchat.dataloader import join_loader_state, split_loader_state
         from mlxchat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader
         from mlxchat.loss_eval import evaluate_bpb
         from mlxchat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
@@ -199,7 +199,6 @@ class BaseTrainRun(Run):
                                               dtype_bytes, cfg.grad_checkpoint),
                      f"depth {cfg.depth} (width {config.n_embd}, {config.param_counts()['total']:,} parameters)")
         yield Log(f"model config: {config.to_dict()}")
-        mx.random.seed(cfg.seed)
         model = GPT(config)
         counts = model.num_scaling_params()
         for k, v in counts.items():
@@ -323,9 +322,22 @@ class BaseTrainRun(Run):
             return bx, by
 
         trainer = Trainer(model, optimizer, grad_accum_steps, cfg.grad_checkpoint, grad_reduce=self._grad_reduce())
-        self._checkpoint_parts = dict(model=model, optimizer=optimizer, config=config, B=B, T=T, dtype=dtype,
-                                      total_batch_size=total_batch_size, consumed=consumed, loop_state=loop_state)
-        self._val_bpb = val_bpb
+
+        def save(at_step):
+            loader_meta, loader_arrays = split_loader_state(consumed["state"]) if consumed["state"] else (None, None)
+            meta = {
+                "step": at_step, "val_bpb": val_bpb, "model_config": config.to_dict(), "user_config": config_dict(cfg),
+                "device_batch_size": B, "max_seq_len": T, "total_batch_size": total_batch_size,
+                # nanochat's (approximate) resume keys; the exact loader state is in the optim file
+                "dataloader_state_dict": {k: loader_meta[k] for k in ("pq_idx", "rg_idx", "epoch")} if loader_meta else None,
+                "loop_state": loop_state,
+                "tokens_seen": at_step * total_batch_size, "seed": cfg.seed,
+                "compute_dtype": dtype_name(dtype), "world_size": world_size,
+            }
+            # each rank's exact loader state goes into its own optimizer file
+            save_training_checkpoint(checkpoint_dir, at_step, model, optimizer, meta,
+                                     loader={"meta": loader_meta, "arrays": loader_arrays})
+        self._save_checkpoint = save
 
         losses, mean_losses, val_history, core_history = [], [], [], []
         first_step = step
@@ -343,7 +355,6 @@ class BaseTrainRun(Run):
                     val_loader = make_loader(tokenizer, B, T, split="val", data_dir=cfg.data_dir, rank=rank, world_size=world_size)
                     with dist_waiting(f"step {step:05d}: val bpb"):
                         val_bpb = evaluate_bpb(model, dist_beating((bx, by) for bx, by, _ in val_loader), eval_steps, token_bytes)
-                    self._val_bpb = val_bpb
                     loop_state["min_val_bpb"] = min(loop_state["min_val_bpb"], val_bpb)
                     val_history.append((step, val_bpb))
                     yield Eval(step, {"val_bpb": val_bpb})
@@ -418,25 +429,6 @@ class BaseTrainRun(Run):
             "Minimum validation bpb": min_bpb, "Final validation bpb": val_bpb,
             "Total training time": loop_state["total_training_time"], "Peak memory (GiB)": round(peak, 3),
             "Peak memory cap (GiB)": cap_gib, "Checkpoint dir": checkpoint_dir})
-
-    def save_checkpoint(self, step):
-        from mlxchat.checkpoint_manager import save_training_checkpoint
-        from mlxchat.dataloader import split_loader_state
-        p, cfg = self._checkpoint_parts, self.config
-        consumed = p["consumed"]["state"]
-        loader_meta, loader_arrays = split_loader_state(consumed) if consumed else (None, None)
-        meta = {
-            "step": step, "val_bpb": self._val_bpb, "model_config": p["config"].to_dict(), "user_config": config_dict(cfg),
-            "device_batch_size": p["B"], "max_seq_len": p["T"], "total_batch_size": p["total_batch_size"],
-            # nanochat's (approximate) resume keys; the exact loader state is in the optim file
-            "dataloader_state_dict": {k: loader_meta[k] for k in ("pq_idx", "rg_idx", "epoch")} if loader_meta else None,
-            "loop_state": p["loop_state"],
-            "tokens_seen": step * p["total_batch_size"], "seed": cfg.seed,
-            "compute_dtype": dtype_name(p["dtype"]), "world_size": self.world_size,
-        }
-        # each rank's exact loader state goes into its own optimizer file
-        save_training_checkpoint(self.run_dir, step, p["model"], p["optimizer"], meta,
-                                 loader={"meta": loader_meta, "arrays": loader_arrays})
 
 
 def sample_completions(model, tokenizer, prompts, max_tokens=16):

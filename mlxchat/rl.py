@@ -196,7 +196,7 @@ class RLRun(Run):
     stage = "rl"
 
     def _run(self):
-        from mlxchat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step
+        from mlxchat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step, save_checkpoint
         from mlxchat.engine import Engine
 
         cfg = self.config
@@ -241,11 +241,17 @@ class RLRun(Run):
 
         self.run_dir = checkpoint_dir = os.path.abspath(os.path.expanduser(
             cfg.checkpoint_dir or os.path.join(base_dir, SOURCE_DIRS["rl"], cfg.model_tag or model_tag)))
-        self._checkpoint_parts = dict(model=model, sft={"model_tag": model_tag, "step": model_step})
+
+        def save(at_step):
+            save_checkpoint(checkpoint_dir, at_step, model.named_parameters(), None,
+                            {"step": at_step, "model_config": model.config.to_dict(), "user_config": config_dict(cfg),
+                             "sft_checkpoint": {"model_tag": model_tag, "step": model_step}})
+        self._save_checkpoint = save
         num_params = sum(v.size for v in model.named_parameters().values())
+        flops_per_token = float(model.estimate_flops())
         tokens_per_step = cfg.examples_per_step * cfg.num_samples * cfg.max_new_tokens  # at most
         yield Started(stage=self.stage, run_dir=checkpoint_dir, config=dict(config_dict(cfg), num_steps=num_steps),
-                      num_params=num_params, tokens_per_step=tokens_per_step, flops_per_token=float(model.estimate_flops()),
+                      num_params=num_params, tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
                       total_steps=num_steps, start_step=0, device=device_name(), pid=os.getpid())
 
         def run_eval(at_step):
@@ -304,7 +310,7 @@ class RLRun(Run):
                 history.append(mean_reward)
                 eta = train_time / (step + 1) * (num_steps - step - 1)
                 # an RL step has no loss to show: the mean reward stands in for it (higher is better)
-                yield step_event(step + 1, num_steps, mean_reward, mean_reward, lrm, dt, sum(lengths), float(model.estimate_flops()),
+                yield step_event(step + 1, num_steps, mean_reward, mean_reward, lrm, dt, sum(lengths), flops_per_token,
                                  1, train_time, eta, (step + 1) / num_steps, reward=mean_reward, answer_length=mean_length)
                 notice = self._after_step(step + 1, 0, cfg.memory_limit)
                 if notice is not None:
@@ -331,10 +337,3 @@ class RLRun(Run):
             "First step mean reward": history[0] if history else None,
             "Last step mean reward": history[-1] if history else None,
             "Training time": train_time})
-
-    def save_checkpoint(self, step):
-        from mlxchat.checkpoint_manager import save_checkpoint
-        p = self._checkpoint_parts
-        save_checkpoint(self.run_dir, step, p["model"].named_parameters(), None,
-                        {"step": step, "model_config": p["model"].config.to_dict(), "user_config": config_dict(self.config),
-                         "sft_checkpoint": p["sft"]})

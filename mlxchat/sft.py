@@ -369,7 +369,7 @@ class SFTRun(Run):
     stage = "sft"
 
     def _run(self):
-        from mlxchat.checkpoint_manager import SOURCE_DIRS, _optim_path, load_arrays
+        from mlxchat.checkpoint_manager import SOURCE_DIRS, _optim_path, load_arrays, save_training_checkpoint
         from mlxchat.loss_eval import evaluate_bpb
         from mlxchat.tokenizer import get_token_bytes, tokenizer_fingerprint
 
@@ -466,20 +466,26 @@ class SFTRun(Run):
         output_tag = model_tag if (cfg.model_tag or cfg.base_checkpoint_dir) else f"d{model.config.n_layer}"
         self.run_dir = checkpoint_dir = os.path.abspath(os.path.expanduser(
             cfg.checkpoint_dir or os.path.join(base_dir, SOURCE_DIRS["sft"], output_tag)))
-        self._checkpoint_parts = dict(model=model, optimizer=optimizer, T=T, base={"model_tag": model_tag, "step": model_step})
+
+        def save(at_step):
+            model_config = dict(model.config.to_dict(), sequence_len=T)  # as nanochat: the SFT context length
+            save_training_checkpoint(checkpoint_dir, at_step, model, optimizer,
+                                     {"step": at_step, "val_bpb": val_bpb, "model_config": model_config,
+                                      "user_config": config_dict(cfg), "base_checkpoint": {"model_tag": model_tag, "step": model_step},
+                                      "world_size": world_size})
+        self._save_checkpoint = save
         total_steps = cfg.num_iterations if cfg.num_iterations > 0 else None
+        flops_per_token = float(model.estimate_flops())
         resolved = dict(config_dict(cfg), max_seq_len=T, device_batch_size=B, total_batch_size=total_batch_size,
                         grad_accum_steps=grad_accum_steps, world_size=world_size, **lrs,
                         base_checkpoint={"dir": os.path.join(source_dir, model_tag), "step": model_step},
                         train_conversations=len(train_set), val_conversations=len(val_set))
         yield Started(stage=self.stage, run_dir=checkpoint_dir, config=resolved, num_params=num_params,
-                      tokens_per_step=total_batch_size, flops_per_token=float(model.estimate_flops()), total_steps=total_steps,
+                      tokens_per_step=total_batch_size, flops_per_token=flops_per_token, total_steps=total_steps,
                       start_step=0, world_size=world_size, device=device_name(), pid=os.getpid())
 
         trainer = Trainer(model, optimizer, grad_accum_steps, grad_reduce=self._grad_reduce())
-        flops_per_token = float(model.estimate_flops())
         step, smooth, val_bpb, initial_val_bpb, train_time = 0, 0.0, None, None, 0.0
-        self._val_bpb = None
         chatcore_results = {}
         status = "finished"
         losses, mean_losses = [], []  # per step: the last micro-batch's loss, the mean over all micro-batches (over ranks)
@@ -496,7 +502,7 @@ class SFTRun(Run):
                     progress = consumed / len(train_set)
                 if last_step or step == 0 or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
                     yield Phase("evaluating", step)
-                    val_bpb = self._val_bpb = evaluate(step)
+                    val_bpb = evaluate(step)
                     if initial_val_bpb is None:
                         initial_val_bpb = val_bpb
                     yield Eval(step, {"val_bpb": val_bpb})
@@ -564,15 +570,6 @@ class SFTRun(Run):
             "Initial val bpb": initial_val_bpb, "Final val bpb": val_bpb,
             "Final train loss": (smooth / (1 - 0.9 ** step)) if step else None,
             "Training time": train_time, **chatcore_results})
-
-    def save_checkpoint(self, step):
-        from mlxchat.checkpoint_manager import save_training_checkpoint
-        p = self._checkpoint_parts
-        model_config = dict(p["model"].config.to_dict(), sequence_len=p["T"])  # as nanochat: the SFT context length
-        save_training_checkpoint(self.run_dir, step, p["model"], p["optimizer"],
-                                 {"step": step, "val_bpb": self._val_bpb, "model_config": model_config,
-                                  "user_config": config_dict(self.config), "base_checkpoint": p["base"],
-                                  "world_size": self.world_size})
 
 
 def make_chatcore(model, tokenizer, batch_size, max_cat, max_sample):

@@ -8,8 +8,8 @@ a notebook, a test).
                      Notice, Ack, Finished): plain Python numbers and strings, never MLX arrays
     RunControl       commands in (pause, resume, save now, stop), from any thread, taken at the next
                      step boundary
-    MetricsLog       every event appended to <checkpoint dir>/metrics.jsonl; follow_metrics() reads it
-                     from another process
+    MetricsLog       every event appended to <checkpoint dir>/metrics.jsonl; MetricsFollower reads it
+                     from another process while it grows
 """
 import gc
 import json
@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_map
 
 from mlxchat.distributed import DistributedError, all_reduce_floats, all_reduce_mean, get_dist_info
-from mlxchat.hardware import get_peak_flops, memory_cap, over_cap_message
+from mlxchat.hardware import device_memory_bytes, get_peak_flops, over_cap_message
 
 
 class TrainingError(RuntimeError):
@@ -263,30 +263,23 @@ class RunControl:
         self._lock = threading.Lock()
         self._pending = []
         self._wake = threading.Event()
-        self.stop_requested = False  # set by stop(), never cleared: a second Ctrl-C can tell
 
     def pause(self):
-        self._send("pause")
+        self.send("pause")
 
     def resume(self):
-        self._send("resume")
+        self.send("resume")
 
     def save_now(self):
-        self._send("save")
+        self.send("save")
 
     def stop(self):
-        self.stop_requested = True
-        self._send("stop")
+        self.send("stop")
 
     def send(self, command):
         """One of COMMANDS by name (what a command channel receives)."""
         if command not in COMMANDS:
             raise ValueError(f"unknown command {command!r}: one of {', '.join(COMMANDS)}")
-        if command == "stop":
-            self.stop_requested = True
-        self._send(command)
-
-    def _send(self, command):
         with self._lock:
             self._pending.append(command)
         self._wake.set()
@@ -305,6 +298,10 @@ class RunControl:
 
 def _flags(commands):
     return [float(c in commands) for c in COMMANDS]
+
+
+def _commands(flags):
+    return [c for c, f in zip(COMMANDS, flags) if f > 0]
 
 
 # -----------------------------------------------------------------------------
@@ -379,23 +376,13 @@ def read_metrics(path):
     return MetricsFollower(path).poll()
 
 
-def follow_metrics(path, poll_interval=0.5, stop=None):
-    """Yield the records of a metrics.jsonl as they are written, until stop() returns True."""
-    follower = MetricsFollower(path)
-    while True:
-        yield from follower.poll()
-        if stop is not None and stop():
-            return
-        time.sleep(poll_interval)
-
-
 # -----------------------------------------------------------------------------
 # configs: dataclasses whose fields carry their defaults and help text (the scripts' argparse and the
 # dashboard's forms are built from them)
 
 def option(default, help, **metadata):
-    """A config field with its help text; metadata may add `choices`, `parse` (str -> value, for the
-    command line) and `cli=False` (not a flag)."""
+    """A config field with its help text; metadata may add `choices` and `parse` (str -> value, for the
+    command line)."""
     return field(default=default, metadata={"help": help, **metadata})
 
 
@@ -444,10 +431,9 @@ class Checks:
             raise ConfigError("; ".join(self.problems))
 
 
-def check_memory(need_bytes, what, limit_bytes=None):
+def check_memory(need_bytes, what):
     """Refuse a run that cannot fit this machine, before anything is allocated."""
-    from mlxchat.hardware import device_memory_bytes
-    limit = limit_bytes or device_memory_bytes()
+    limit = device_memory_bytes()
     if limit and need_bytes > limit:
         raise ConfigError(f"{what} needs at least {need_bytes / 2 ** 30:.1f} GiB (weights, gradients, optimizer state and "
                           f"activations), more than the {limit / 2 ** 30:.1f} GiB this machine has: use a smaller --depth, "
@@ -491,6 +477,7 @@ class Run:
         self._early = []  # events before the run dir is known
         self._agreed = []  # commands all ranks agreed on at the last step
         self._last_saved = None
+        self._save_checkpoint = None  # save(step), set by each stage's _run once there is something to save
         self._frozen = False
 
     def __iter__(self):
@@ -529,17 +516,17 @@ class Run:
                 if threading.get_ident() != owner:
                     raise TrainingError("a run must be iterated on the thread that started it: MLX's streams belong "
                                         "to the thread that made them")
-        except known as e:
-            error = e if isinstance(e, TrainingError) else TrainingError(str(e))
-            self._fail(error)
-            yield Finished(status="failed", step=self.step, error=str(error))
+        except Exception as e:
+            # a known failure carries its own clear message: it ends the run as a TrainingError; a bug keeps
+            # its type and traceback
+            error = TrainingError(str(e)) if isinstance(e, known) and not isinstance(e, TrainingError) else e
+            text = str(error) if isinstance(error, TrainingError) else f"{type(e).__name__}: {e}"
+            failed = Finished(status="failed", step=self.step, error=text)
+            self._record(failed)
+            yield failed
             if error is e:
                 raise
             raise error from e
-        except Exception as e:
-            self._fail(e)
-            yield Finished(status="failed", step=self.step, error=f"{type(e).__name__}: {e}")
-            raise
         finally:
             if self._frozen:
                 gc.unfreeze()
@@ -547,10 +534,6 @@ class Run:
             if self._metrics is not None:
                 self._metrics.close()
                 self._metrics = None
-
-    def _fail(self, error):
-        text = str(error) if isinstance(error, TrainingError) else f"{type(error).__name__}: {error}"
-        self._record(Finished(status="failed", step=self.step, error=text))
 
     def _run(self):
         raise NotImplementedError
@@ -564,7 +547,7 @@ class Run:
         if self.world_size > 1:
             out = all_reduce_floats([loss, mean_loss, *flags], label=f"step {step:05d}: loss all-reduce")
             loss, mean_loss, flags = out[0] / self.world_size, out[1] / self.world_size, out[2:]
-        self._agreed = [c for c, f in zip(COMMANDS, flags) if f > 0]
+        self._agreed = _commands(flags)
         return loss, mean_loss
 
     def _boundary(self, step):
@@ -594,10 +577,9 @@ class Run:
             flags = _flags(self.control.take())
             if self.world_size > 1:
                 flags = all_reduce_floats(flags, label=f"step {step:05d}: paused")
-            commands = [c for c, f in zip(COMMANDS, flags) if f > 0]
+            commands = _commands(flags)
             if "stop" in commands:
-                yield Ack("stop", step)
-                return True
+                return True  # acknowledged by _boundary
             if "save" in commands:
                 yield Ack("save", step)
                 yield from self._save(step)
@@ -610,12 +592,9 @@ class Run:
         if step == self._last_saved:
             return
         yield Phase("saving", step)
-        self.save_checkpoint(step)
+        self._save_checkpoint(step)
         self._last_saved = step
         yield Saved(step, self.run_dir)
-
-    def save_checkpoint(self, step):
-        raise NotImplementedError
 
     def _grad_reduce(self):
         """For Trainer: with several ranks, every rank steps with the mean gradient over all ranks."""

@@ -22,23 +22,19 @@ EXIT_HANG = 3  # the distributed watchdog: another rank stopped answering
 # -----------------------------------------------------------------------------
 # the command line from a config dataclass
 
-def _field_type(f):
-    hint = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing))  # noqa: S307  (our own annotations)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    return args[0] if args and typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+def _flag_type(f):
+    """What argparse converts a field's flag with: its `parse` function, else its type (Optional[X]: X)."""
+    if "parse" in f.metadata:
+        return f.metadata["parse"]
+    args = [a for a in typing.get_args(f.type) if a is not type(None)]
+    return args[0] if len(args) == 1 else f.type
 
 
 def add_config_args(parser, config_cls):
     """One --flag per field of config_cls, with its default and help text."""
     for f in dataclasses.fields(config_cls):
-        meta = f.metadata
-        if meta.get("cli") is False:
-            continue
-        kind = meta.get("parse") or _field_type(f)
-        if kind not in (int, float, str) and not callable(meta.get("parse")):
-            kind = str
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=kind,
-                            choices=meta.get("choices"), help=meta.get("help", ""))
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=_flag_type(f),
+                            choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
 
 
 def config_from_args(config_cls, args):

@@ -172,6 +172,22 @@ def test_pause_resume_save_and_stop_from_another_thread(base):
     assert run.result["status"] == "stopped"
 
 
+def test_a_stop_while_paused_is_acknowledged_once_and_saves(base):
+    control = RunControl()
+    run, rec = BaseTrainRun(BaseTrainConfig(**TINY, num_iterations=200, data_dir=base, model_tag="paused-stop"),
+                            control=control), Recorder()
+    thread = run_in_thread(run, rec)
+    rec.wait_for(lambda e: e.kind == "step" and e.step == 1)
+    control.pause()
+    rec.wait_for(lambda e: e.kind == "phase" and e.name == "paused")
+    control.stop()
+    finished = rec.wait_for(lambda e: e.kind == "finished")
+    thread.join(60)
+    assert thread.error is None and finished.status == "stopped"
+    assert [e.command for e in kinds(rec.events, "ack")] == ["pause", "stop"]
+    assert [e.step for e in kinds(rec.events, "saved")] == [finished.step] == [kinds(rec.events, "step")[-1].step]
+
+
 def test_a_stopped_run_resumes_exactly(base):
     """Stopped by a command after step 5, resumed from that checkpoint with a new run object: steps 6..12
     give exactly the losses of an uninterrupted run (CPU backend)."""
