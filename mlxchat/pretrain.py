@@ -84,6 +84,9 @@ class BaseTrainConfig:
     model_tag: Optional[str] = option(None, "checkpoint folder name (default d<depth>)")
     checkpoint_dir: Optional[str] = option(None, "the run's folder (default <base dir>/base_checkpoints/<model tag>)")
     data_dir: Optional[str] = option(None, "parquet shards to train on (default <base>/base_data_climbmix; 'demo' = the corpus shipped with mlxchat)")
+    tokenizer_dir: Optional[str] = option(None, "folder with tokenizer.pkl and token_bytes.npy; default <base dir>/tokenizer")
+    train_tokenizer: int = option(0, "train a BPE tokenizer with this vocab size on --data-dir as the run's first phase and "
+                                     "keep it in <run folder>/tokenizer (0 = use --tokenizer-dir)")
     seed: int = option(42, "random seed (weights; the data order is fixed)")
     # data parallel across processes / Macs (start every rank with mlx.launch)
     dist_backend: str = option("any", "mx.distributed backend under mlx.launch: any (what the launcher set up) | ring | jaccl | mpi | nccl")
@@ -124,7 +127,29 @@ class BaseTrainConfig:
             c.require(os.path.isdir(os.path.expanduser(self.data_dir)),
                       f"--data-dir {self.data_dir}: no such folder (download shards with `python -m mlxchat.dataset -n 8`, "
                       f"import your text with `python -m mlxchat.dataset import`, or use --data-dir demo)")
+        self._check_tokenizer(c)
         c.raise_if_any()
+
+    def _check_tokenizer(self, c):
+        # a missing tokenizer would otherwise fail the run only once it starts loading
+        from mlxchat.tokenizer import SPECIAL_TOKENS
+        smallest = 256 + len(SPECIAL_TOKENS)  # the 256 bytes and the special tokens, no merge yet
+        c.require(isinstance(self.train_tokenizer, int) and (self.train_tokenizer == 0 or self.train_tokenizer >= smallest),
+                  f"--train-tokenizer must be 0 (off) or a vocab size >= {smallest} (256 bytes + {len(SPECIAL_TOKENS)} "
+                  f"special tokens), got {self.train_tokenizer!r}")
+        fixes = ("train one with `python -m scripts.tok_train` (add --data-dir demo for the demo corpus), or let this run "
+                 "train its own with --train-tokenizer N")
+        c.require(not (self.tokenizer_dir and self.train_tokenizer),
+                  "--tokenizer-dir and --train-tokenizer exclude each other: use a trained tokenizer or train one for this "
+                  "run, not both")
+        if self.tokenizer_dir and not self.train_tokenizer:
+            folder = os.path.abspath(os.path.expanduser(self.tokenizer_dir))
+            c.require(os.path.exists(os.path.join(folder, "tokenizer.pkl")),
+                      f"--tokenizer-dir {self.tokenizer_dir}: no tokenizer.pkl in {folder}; {fixes}")
+        elif not self.tokenizer_dir and not self.train_tokenizer:
+            folder = os.path.join(get_base_dir(), "tokenizer")
+            c.require(os.path.exists(os.path.join(folder, "tokenizer.pkl")),
+                      f"no tokenizer in {folder} (the default; --tokenizer-dir picks another folder): {fixes}")
 
     def model_config(self, vocab_size):
         return GPTConfig.from_depth(self.depth, vocab_size, self.aspect_ratio, self.head_dim, self.max_seq_len,
@@ -166,12 +191,107 @@ def derive_hyperparameters(config, vocab_size):
 class BaseTrainRun(Run):
     stage = "base"
 
+    # A run folder's tokenizer/ is the tokenizer its checkpoints were trained with, so that chat, eval and
+    # SFT of the run find it (checkpoint_manager.find_tokenizer_dir looks there first). --train-tokenizer
+    # trains it there; otherwise the tokenizer used is copied there. A resumed run never retrains it (new
+    # ids would not match the checkpoint) and refuses a tokenizer other than the one there.
+
+    def _load_tokenizer(self, run_dir):
+        """(tokenizer, token_bytes) of this run, with its events (a generator: `yield from` it)."""
+        from mlxchat.tokenizer import RustBPETokenizer, tokenizer_fingerprint
+        cfg = self.config
+        if cfg.train_tokenizer:
+            return (yield from self._trained_tokenizer(run_dir))
+        folder = (os.path.abspath(os.path.expanduser(cfg.tokenizer_dir)) if cfg.tokenizer_dir
+                  else os.path.join(get_base_dir(), "tokenizer"))
+        tokenizer = RustBPETokenizer.from_directory(folder)
+        yield Log(f"tokenizer: {folder}")
+        own = os.path.join(run_dir, "tokenizer")
+        if self.rank == 0 and cfg.resume_from_step != -1 and own != folder and os.path.exists(os.path.join(own, "tokenizer.pkl")):
+            if tokenizer_fingerprint(RustBPETokenizer.from_directory(own)) != tokenizer_fingerprint(tokenizer):
+                raise TrainingError(f"{run_dir} was trained with the tokenizer in {own}, not the one in {folder}: resume "
+                                    f"with --tokenizer-dir {own}")
+        return tokenizer, _token_bytes(tokenizer, folder)
+
+    def _trained_tokenizer(self, run_dir):
+        """--train-tokenizer: rank 0 trains it into <run dir>/tokenizer, or reads it back when resuming, and
+        sends it to the other ranks (their Macs' disks do not have it)."""
+        import base64
+        from mlxchat.dataset import resolve_data_dir
+        from mlxchat.tokenizer import RustBPETokenizer, TRAIN_DOC_CAP, TRAIN_MAX_CHARS, train_tokenizer
+        cfg, master = self.config, self.rank == 0
+        own = os.path.join(run_dir, "tokenizer")
+        resuming = cfg.resume_from_step != -1
+        vocab = cfg.train_tokenizer
+        if not resuming:
+            # about the text the run will train on (~5 characters a token) is plenty, but at least 100M
+            # characters (a whole small corpus), at most what tok_train reads
+            hp = derive_hyperparameters(cfg, vocab)
+            max_chars = int(min(TRAIN_MAX_CHARS, max(100_000_000, 5 * hp["num_iterations"] * hp["total_batch_size"])))
+            yield Phase("tokenizer")
+            yield Log(f"tokenizer: training a BPE tokenizer with vocab {vocab:,} on the train split of "
+                      f"{resolve_data_dir(cfg.data_dir)} (at most {max_chars:,} characters, documents cut to {TRAIN_DOC_CAP:,})")
+        tokenizer = token_bytes = stats = failure = None
+        if master:
+            try:
+                if not resuming:
+                    tokenizer, token_bytes, stats = train_tokenizer(vocab, own, cfg.data_dir, max_chars)
+                    token_bytes = mx.array(token_bytes)
+                elif os.path.exists(os.path.join(own, "tokenizer.pkl")):
+                    tokenizer = RustBPETokenizer.from_directory(own)
+                    token_bytes = _token_bytes(tokenizer, own)
+                else:
+                    raise TrainingError(f"--train-tokenizer with --resume-from-step: {own} holds no tokenizer.pkl, so this "
+                                        f"run did not train one and its checkpoints use another tokenizer: resume without "
+                                        f"--train-tokenizer (--tokenizer-dir DIR of the tokenizer it was trained with)")
+            except Exception as e:  # noqa: BLE001  (raised below, once the other ranks know)
+                failure = e
+        if self.world_size > 1:
+            # training may take minutes: the others wait for it without the watchdog's timeout (a rank 0 that
+            # dies still ends them: its sockets close)
+            barrier("waiting for rank 0's tokenizer", timeout=float("inf"))
+            sent = None
+            if failure is not None:
+                sent = {"error": str(failure)}
+            elif master:
+                sent = {"tokenizer": base64.b64encode(tokenizer.to_bytes()).decode("ascii")}
+            sent = broadcast_object(sent, label="sending rank 0's tokenizer")
+            if not master:
+                if "error" in sent:
+                    raise TrainingError(f"rank {self.rank}: rank 0 has no tokenizer for this run: {sent['error']}")
+                tokenizer = RustBPETokenizer.from_bytes(base64.b64decode(sent["tokenizer"]))
+                token_bytes = _token_bytes(tokenizer, None)
+        if failure is not None:
+            raise failure
+        got = tokenizer.get_vocab_size()
+        if not master:
+            yield Log(f"tokenizer: rank 0's, from its {own} (vocab {got:,})")
+        elif resuming:
+            yield Log(f"tokenizer: reusing {own} (vocab {got:,}), trained by this run: a resumed run never retrains it "
+                      f"(new ids would not match the checkpoint)")
+        else:
+            yield Log(f"tokenizer: {stats['chars']:,} characters read, trained in {stats['seconds']:.1f} s, vocab {got:,}"
+                      + (f" (the text ran out of pairs to merge before {vocab:,})" if got != vocab else "")
+                      + f"; saved to {own}")
+        if not resuming:
+            yield Phase("loading")  # the model comes next
+        return tokenizer, token_bytes
+
+    def _keep_tokenizer(self, tokenizer, run_dir):
+        """Write the tokenizer into <run dir>/tokenizer unless it is already the one there (trained by this
+        run, or checked by _load_tokenizer when resuming)."""
+        from mlxchat.tokenizer import save_tokenizer
+        own = os.path.join(run_dir, "tokenizer")
+        there = os.path.exists(os.path.join(own, "tokenizer.pkl"))
+        if not there or not (self.config.train_tokenizer or self.config.resume_from_step != -1):
+            save_tokenizer(tokenizer, own)
+
     def _run(self):
-        from mlxchat.checkpoint_manager import _optim_path, find_last_step, load_arrays, load_checkpoint, save_training_checkpoint
+        from mlxchat.checkpoint_manager import _optim_path, find_last_step, find_tokenizer_dir, load_arrays, load_checkpoint, save_training_checkpoint
         from mlxchat.dataloader import join_loader_state, split_loader_state
         from mlxchat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader
         from mlxchat.loss_eval import evaluate_bpb
-        from mlxchat.tokenizer import get_token_bytes, get_tokenizer, tokenizer_fingerprint
+        from mlxchat.tokenizer import tokenizer_fingerprint
 
         cfg, rank, world_size = self.config, self.rank, self.world_size
         master = rank == 0
@@ -182,11 +302,16 @@ class BaseTrainRun(Run):
         if world_size > 1:
             yield Log(f"data parallel: {world_size} processes (mx.distributed, backend {cfg.dist_backend}); each reads "
                       f"1/{world_size} of the row groups, gradients are averaged before every step")
-        tokenizer = get_tokenizer()
-        token_bytes = get_token_bytes()
+        model_tag = cfg.model_tag or f"d{cfg.depth}"
+        checkpoint_dir = os.path.abspath(os.path.expanduser(
+            cfg.checkpoint_dir or os.path.join(get_base_dir(), "base_checkpoints", model_tag)))
+        if cfg.train_tokenizer:
+            self.run_dir = checkpoint_dir  # the tokenizer is written there: its phase shows in metrics.jsonl as it happens
+        tokenizer, token_bytes = yield from self._load_tokenizer(checkpoint_dir)
         vocab_size = tokenizer.get_vocab_size()
         yield Log(f"vocab size: {vocab_size:,}")
-        # every Mac loads the tokenizer from its own disk: a different one would train on different token ids
+        # every Mac loads the tokenizer from its own disk (unless this run trained it): a different one would train on
+        # different token ids
         check_same_on_all_ranks(tokenizer_fingerprint(tokenizer), "the tokenizer")
 
         config = cfg.model_config(vocab_size)
@@ -243,9 +368,10 @@ class BaseTrainRun(Run):
         yield Log(f"lr scale {s:.4f}, Muon weight decay {hp['wd_scaled']:.4f}")
 
         optimizer = make_optimizer(model)
-        model_tag = cfg.model_tag or f"d{cfg.depth}"
-        self.run_dir = checkpoint_dir = os.path.abspath(os.path.expanduser(
-            cfg.checkpoint_dir or os.path.join(get_base_dir(), "base_checkpoints", model_tag)))
+        # only now that the model fits: a refused config leaves no run folder behind
+        self.run_dir = checkpoint_dir
+        if master:
+            self._keep_tokenizer(tokenizer, checkpoint_dir)
 
         # ---- resume
         step = 0
@@ -338,6 +464,7 @@ class BaseTrainRun(Run):
             save_training_checkpoint(checkpoint_dir, at_step, model, optimizer, meta,
                                      loader={"meta": loader_meta, "arrays": loader_arrays})
         self._save_checkpoint = save
+        self._live_model = (model, find_tokenizer_dir(checkpoint_dir))
 
         losses, mean_losses, val_history, core_history = [], [], [], []
         first_step = step
@@ -429,6 +556,17 @@ class BaseTrainRun(Run):
             "Minimum validation bpb": min_bpb, "Final validation bpb": val_bpb,
             "Total training time": loop_state["total_training_time"], "Peak memory (GiB)": round(peak, 3),
             "Peak memory cap (GiB)": cap_gib, "Checkpoint dir": checkpoint_dir})
+
+
+def _token_bytes(tokenizer, folder):
+    """The folder's token_bytes, or measured from the tokenizer when it has none (or there is no folder)."""
+    from mlxchat.tokenizer import TokenizerError, compute_token_bytes, load_token_bytes
+    if folder is not None:
+        try:
+            return load_token_bytes(folder)
+        except TokenizerError:
+            pass
+    return mx.array(compute_token_bytes(tokenizer))
 
 
 def sample_completions(model, tokenizer, prompts, max_tokens=16):

@@ -30,7 +30,7 @@ from mlx.utils import tree_map
 from mlxchat.common import get_base_dir
 from mlxchat.hardware import device_name, memory_cap
 from mlxchat.schedules import get_rl_lr_multiplier
-from mlxchat.training import (Checks, ConfigError, Eval, Finished, Log, Phase, Run, Started, TrainingError, config_dict,
+from mlxchat.training import (Checks, keep_tokenizer, ConfigError, Eval, Finished, Log, Phase, Run, Started, TrainingError, config_dict,
                               option, step_event)
 from tasks.common import Task
 
@@ -247,6 +247,7 @@ class RLRun(Run):
                             {"step": at_step, "model_config": model.config.to_dict(), "user_config": config_dict(cfg),
                              "sft_checkpoint": {"model_tag": model_tag, "step": model_step}})
         self._save_checkpoint = save
+        self._live_model = (model, keep_tokenizer(tokenizer, checkpoint_dir) if self.rank == 0 else None)
         num_params = sum(v.size for v in model.named_parameters().values())
         flops_per_token = float(model.estimate_flops())
         tokens_per_step = cfg.examples_per_step * cfg.num_samples * cfg.max_new_tokens  # at most

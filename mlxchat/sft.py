@@ -47,7 +47,7 @@ from mlxchat.distributed import (DIST_TIMEOUT, all_reduce_floats, barrier, broad
                                  check_same_on_all_ranks, dist_beating, dist_waiting)
 from mlxchat.hardware import device_name, memory_cap
 from mlxchat.schedules import get_sft_lr_multiplier, get_sft_muon_momentum
-from mlxchat.training import (Checks, ConfigError, Eval, Finished, Log, Phase, Run, Started, Trainer, TrainingError,
+from mlxchat.training import (Checks, keep_tokenizer, ConfigError, Eval, Finished, Log, Phase, Run, Started, Trainer, TrainingError,
                               config_dict, option, step_event)
 from tasks.common import TaskMixture, task_data_dir
 from tasks.demo_chat import DEMO_CHAT_DIR, DemoCalculator
@@ -371,7 +371,7 @@ class SFTRun(Run):
     def _run(self):
         from mlxchat.checkpoint_manager import SOURCE_DIRS, _optim_path, load_arrays, save_training_checkpoint
         from mlxchat.loss_eval import evaluate_bpb
-        from mlxchat.tokenizer import get_token_bytes, tokenizer_fingerprint
+        from mlxchat.tokenizer import compute_token_bytes, tokenizer_fingerprint
 
         cfg, rank, world_size = self.config, self.rank, self.world_size
         master = rank == 0
@@ -390,9 +390,10 @@ class SFTRun(Run):
             source_dir, tag = os.path.join(base_dir, SOURCE_DIRS["base"]), cfg.model_tag
         model, tokenizer, meta, model_tag, model_step = load_base_model(source_dir, tag, cfg.model_step, rank, world_size)
         if tokenizer is None:
-            raise TrainingError(f"no tokenizer found for the base checkpoint (looked in {os.path.join(base_dir, 'tokenizer')}): "
+            raise TrainingError(f"no tokenizer found for the base checkpoint (looked beside it and in {os.path.join(base_dir, 'tokenizer')}): "
                                 f"train one with `python -m scripts.tok_train` or copy nanochat's tokenizer/ folder there")
-        token_bytes = get_token_bytes()
+        # the base checkpoint's own tokenizer (a run may have trained its own): its byte counts, not the base dir's
+        token_bytes = mx.array(compute_token_bytes(tokenizer).astype("int32"))
         num_params = sum(v.size for v in model.named_parameters().values())
         yield Log(f"base model: {model_tag} step {model_step} ({num_params:,} parameters), "
                   f"compute dtype {dtype_name(get_compute_dtype())}")
@@ -474,6 +475,7 @@ class SFTRun(Run):
                                       "user_config": config_dict(cfg), "base_checkpoint": {"model_tag": model_tag, "step": model_step},
                                       "world_size": world_size})
         self._save_checkpoint = save
+        self._live_model = (model, keep_tokenizer(tokenizer, checkpoint_dir) if self.rank == 0 else None)
         total_steps = cfg.num_iterations if cfg.num_iterations > 0 else None
         flops_per_token = float(model.estimate_flops())
         resolved = dict(config_dict(cfg), max_seq_len=T, device_batch_size=B, total_batch_size=total_batch_size,

@@ -8,8 +8,10 @@ below follow the merges. The files in `{base_dir}/tokenizer/` are interchangeabl
 nanochat's token_bytes.pt (a torch file) is read too, without torch.
 """
 import copy
+import io
 import os
 import pickle
+import time
 from functools import lru_cache
 
 import numpy as np
@@ -88,6 +90,21 @@ class RustBPETokenizer:
     @classmethod
     def from_directory(cls, tokenizer_dir):
         return cls(load_encoding(os.path.join(tokenizer_dir, "tokenizer.pkl")), "<|bos|>")
+
+    @classmethod
+    def from_bytes(cls, data):
+        """The tokenizer from to_bytes()'s bytes (what one process sends another)."""
+        try:
+            enc = _EncodingUnpickler(io.BytesIO(data)).load()
+        except Exception as e:
+            raise TokenizerError(f"not a tokenizer ({type(e).__name__}: {e})") from e
+        if not isinstance(enc, tiktoken.Encoding):
+            raise TokenizerError(f"holds a {type(enc).__name__}, not a tiktoken.Encoding")
+        return cls(enc, "<|bos|>")
+
+    def to_bytes(self):
+        """The content of tokenizer.pkl."""
+        return pickle.dumps(self.enc)
 
     @classmethod
     def from_pretrained(cls, tiktoken_name):
@@ -273,3 +290,73 @@ def get_tokenizer():
 
 def get_token_bytes():
     return load_token_bytes(_tokenizer_dir())
+
+
+# -----------------------------------------------------------------------------
+# training one on the train split of the pretraining shards (scripts/tok_train.py, and a pretraining
+# run's first phase with --train-tokenizer)
+
+TRAIN_MAX_CHARS = 2_000_000_000  # nanochat's: 2B characters
+TRAIN_DOC_CAP = 10_000  # characters kept of each document, so that a few huge documents do not dominate the counts
+
+# a round trip over awkward text: digits, contractions, symbols, several scripts, an emoji
+SANITY_TEXT = """Hello world! Testing, one two three.
+Numbers: 7, 42, 1776, 3.14159 and 1,000,000
+Contractions: don't, we'll, they're, I'd
+Symbols: ~!@#$%^&*()_+{}|:"<>?
+Scripts: Ελληνικά, русский, 한국어, 日本語, עברית 🚀"""
+
+
+def text_iterator(max_chars, doc_cap, data_dir=None, progress=True):
+    """The train split's documents in order, each cut to doc_cap characters; stops right after the
+    running character count passes max_chars."""
+    from tqdm import tqdm
+
+    from mlxchat.dataset import parquets_iter_batched
+    bar = tqdm(unit="char", unit_scale=True, desc="reading train shards", disable=not progress)
+    nchars = 0
+    try:
+        for batch in parquets_iter_batched("train", data_dir=data_dir):
+            for doc in batch:
+                doc = doc[:doc_cap]
+                nchars += len(doc)
+                bar.update(len(doc))
+                yield doc
+                if nchars > max_chars:
+                    return
+    finally:
+        bar.close()
+
+
+def train_tokenizer(vocab_size, tokenizer_dir, data_dir=None, max_chars=TRAIN_MAX_CHARS, doc_cap=TRAIN_DOC_CAP, progress=False):
+    """Train a BPE tokenizer on the train split of data_dir's shards (text_iterator) and save it into
+    tokenizer_dir (tokenizer.pkl, token_bytes.npy). Returns (tokenizer, token_bytes, stats): stats
+    holds the characters read and the seconds of training. The vocabulary comes out smaller than
+    vocab_size when the text runs out of pairs to merge."""
+    read = {"chars": 0}
+
+    def counted():
+        for doc in text_iterator(max_chars, doc_cap, data_dir, progress):
+            read["chars"] += len(doc)
+            yield doc
+
+    t0 = time.time()
+    tokenizer = RustBPETokenizer.train_from_iterator(counted(), vocab_size)
+    seconds = time.time() - t0
+    decoded = tokenizer.decode(tokenizer.encode(SANITY_TEXT))
+    if decoded != SANITY_TEXT:
+        raise TokenizerError(f"the trained tokenizer does not round-trip text:\n{SANITY_TEXT!r}\n{decoded!r}")
+    token_bytes = save_tokenizer(tokenizer, tokenizer_dir)
+    return tokenizer, token_bytes, {"chars": read["chars"], "seconds": seconds}
+
+
+def save_tokenizer(tokenizer, tokenizer_dir):
+    """Write tokenizer.pkl and token_bytes.npy into tokenizer_dir; returns the token bytes. The pickle
+    goes last and a stale one goes first, so a folder with a tokenizer.pkl is complete: an interrupted
+    save never pairs a new token_bytes.npy with an old tokenizer."""
+    pickle_path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+    if os.path.exists(pickle_path):
+        os.remove(pickle_path)
+    token_bytes = save_token_bytes(tokenizer, tokenizer_dir)
+    tokenizer.save(tokenizer_dir)
+    return token_bytes

@@ -10,10 +10,14 @@ a notebook, a test).
                      step boundary
     MetricsLog       every event appended to <checkpoint dir>/metrics.jsonl; MetricsFollower reads it
                      from another process while it grows
+
+A run owns its folder while it trains (mlxchat.control): a lock keeps out a second trainer, other
+processes send commands through the folder, and a heartbeat tells them the owner is alive.
 """
 import gc
 import json
 import os
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -21,7 +25,7 @@ from typing import ClassVar, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from mlxchat.distributed import DistributedError, all_reduce_floats, all_reduce_mean, get_dist_info
 from mlxchat.hardware import device_memory_bytes, get_peak_flops, over_cap_message
@@ -138,6 +142,8 @@ def estimate_training_memory(config, device_batch_size, dtype_bytes=4, grad_chec
 # events: what a run yields. Only Python numbers, strings, lists and dicts: they cross threads and
 # processes (the dashboard's UI thread, metrics.jsonl) without touching MLX.
 
+HEARTBEAT_SECONDS = 10.0  # a run's owner writes a heartbeat to metrics.jsonl when nothing else was written for this long
+
 @dataclass
 class Event:
     kind: ClassVar[str] = "event"
@@ -161,6 +167,8 @@ class Started(Event):
     world_size: int = 1
     device: str = ""
     pid: int = 0
+    host: str = field(default_factory=socket.gethostname)  # where `pid` lives: another host's pid cannot be checked
+    heartbeat: float = HEARTBEAT_SECONDS  # metrics.jsonl gets a record at least this often while the owner lives
 
 
 @dataclass
@@ -246,6 +254,20 @@ class Finished(Event):
     error: Optional[str] = None
 
 
+@dataclass
+class WeightsSnapshot:
+    """A training run's current weights, handed over between two steps (RunControl.request_weights): the
+    dashboard chats with a model while it trains. The arrays are the run's own, already evaluated, so
+    reading them from another thread is safe and costs no copy; the optimizer makes new arrays at
+    the next step, so a held snapshot stays as it was (it costs one copy of the weights while held)."""
+    step: int
+    stage: str
+    run_dir: Optional[str]
+    model_config: dict  # GPTConfig(**model_config) rebuilds the model
+    weights: dict  # {"transformer.h.0.attn.c_q.weight": mx.array, ...}, tree_flatten's names; read-only
+    tokenizer_dir: Optional[str]  # the run's tokenizer; None: the base dir's
+
+
 # -----------------------------------------------------------------------------
 # commands in
 
@@ -262,6 +284,7 @@ class RunControl:
     def __init__(self):
         self._lock = threading.Lock()
         self._pending = []
+        self._weight_requests = []
         self._wake = threading.Event()
 
     def pause(self):
@@ -283,6 +306,19 @@ class RunControl:
         with self._lock:
             self._pending.append(command)
         self._wake.set()
+
+    def request_weights(self, callback):
+        """Ask for the run's current weights: at its next step boundary (or at once while paused) the run
+        calls callback(WeightsSnapshot) on its own thread, so the callback must only hand the snapshot
+        on (e.g. put it in a queue). Not acknowledged in the events: it changes nothing in the run."""
+        with self._lock:
+            self._weight_requests.append(callback)
+        self._wake.set()
+
+    def take_weight_requests(self):
+        with self._lock:
+            requests, self._weight_requests = self._weight_requests, []
+        return requests
 
     def take(self):
         """The commands sent since the last take(), oldest first."""
@@ -319,13 +355,19 @@ class MetricsLog:
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, METRICS_FILE)
         self._f = open(self.path, "a", encoding="utf-8")
+        self._lock = threading.Lock()  # the run's thread and its heartbeat write whole lines, one at a time
+        self.last_write = time.monotonic()
 
     def write(self, record):
-        self._f.write(json.dumps(record, default=_json_number) + "\n")
-        self._f.flush()
+        line = json.dumps(record, default=_json_number) + "\n"
+        with self._lock:
+            self._f.write(line)
+            self._f.flush()
+            self.last_write = time.monotonic()
 
     def close(self):
-        self._f.close()
+        with self._lock:
+            self._f.close()
 
 
 def _json_number(o):
@@ -428,7 +470,9 @@ class Checks:
 
     def raise_if_any(self):
         if self.problems:
-            raise ConfigError("; ".join(self.problems))
+            error = ConfigError("; ".join(self.problems))
+            error.problems = list(self.problems)  # one by one, for a form that shows each beside its field
+            raise error
 
 
 def check_memory(need_bytes, what):
@@ -460,7 +504,12 @@ class Run:
 
     The config is validated in the constructor (ConfigError, before anything is allocated). Every
     event is appended to <run dir>/metrics.jsonl on rank 0. A failure ends the iteration with a
-    Finished(status="failed") event, then raises TrainingError (or the original exception, for bugs)."""
+    Finished(status="failed") event, then raises TrainingError (or the original exception, for bugs).
+
+    On rank 0 the run owns its folder from the moment it knows it (see `run_dir`) to its end: when
+    another process already trains that folder the run fails, naming that process; commands sent from
+    other processes (mlxchat.control.send_command) join the RunControl's at every step boundary; a
+    heartbeat keeps metrics.jsonl from going quiet for long while the run lives."""
 
     stage = "run"
 
@@ -470,14 +519,19 @@ class Run:
         self.control = control if control is not None else RunControl()
         self.freeze_gc = freeze_gc  # gc.freeze() after the first step (the scripts opt in; undone at the end)
         self.result = None
-        self.run_dir = None
+        self._run_dir = None
         self.step = 0
         self.rank, self.world_size, _ = get_dist_info()
         self._metrics = None
         self._early = []  # events before the run dir is known
+        self._lock = None  # the folder's RunLock, held from the moment the run dir is known (rank 0)
+        self._spool = None  # its CommandSpool: commands from other processes
+        self._heartbeat = None
+        self._notices = []  # Notices raised outside the event stream (taking the lock, the spool), yielded next
         self._agreed = []  # commands all ranks agreed on at the last step
         self._last_saved = None
         self._save_checkpoint = None  # save(step), set by each stage's _run once there is something to save
+        self._live_model = None  # (model, tokenizer_dir), set by each stage's _run: what request_weights hands over
         self._frozen = False
 
     def __iter__(self):
@@ -490,18 +544,70 @@ class Run:
                 on_event(event)
         return self.result
 
+    # -- the run folder: owned from the moment it is known
+
+    @property
+    def run_dir(self):
+        return self._run_dir
+
+    @run_dir.setter
+    def run_dir(self, path):
+        """Each stage sets its folder as soon as it knows it, before writing anything there: that is when
+        rank 0 takes the folder's lock (TrainingError, naming the owner, when another process trains
+        it) and opens its command spool. Nothing reaches metrics.jsonl without the lock."""
+        if path is not None and self.rank == 0 and (self._lock is None or self._lock.run_dir != path):
+            self._own(path)
+        self._run_dir = path
+
+    def _own(self, path):
+        from mlxchat.control import CommandSpool, RunLock
+        self._disown()
+        lock = RunLock(path)
+        took_over = lock.acquire()
+        self._lock = lock
+        if took_over:
+            self._notices.append(Notice(took_over))
+        self._spool = CommandSpool(path, since=lock.since)
+        self._spool.open()
+        self._spool_notices()
+
+    def _disown(self):
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+            self._heartbeat = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = self._spool = None
+
+    def _poll_spool(self):
+        """Rank 0, at a step boundary or while paused: commands other processes sent, into RunControl
+        (where the all-reduce of the step shares them with every rank)."""
+        if self._spool is None:
+            return
+        for command in self._spool.take():
+            self.control.send(command)
+        self._spool_notices()
+
+    def _spool_notices(self):
+        self._notices += [Notice(text) for text in self._spool.take_problems()]
+
     # -- the event stream
 
     def _record(self, event):
         if self.rank != 0:
             return
-        if self._metrics is None and self.run_dir is not None:
+        if self._metrics is None and self._lock is not None:
+            from mlxchat.control import Heartbeat
             self._metrics = MetricsLog(self.run_dir)
             for e in self._early:
                 self._metrics.write(e)
             self._early = []
+            self._heartbeat = Heartbeat(self._metrics).start()
         record = dict(event.to_dict(), time=round(time.time(), 3))
         if self._metrics is not None:
+            if event.kind == "finished" and self._heartbeat is not None:
+                self._heartbeat.stop()  # nothing may follow the last record
+                self._heartbeat = None
             self._metrics.write(record)
         else:
             self._early.append(record)
@@ -510,9 +616,11 @@ class Run:
         owner = threading.get_ident()
         known = _known_errors()
         try:
-            for event in self._run():
-                self._record(event)
-                yield event
+            for produced in self._run():
+                notices, self._notices = self._notices, []
+                for event in notices + [produced]:
+                    self._record(event)
+                    yield event
                 if threading.get_ident() != owner:
                     raise TrainingError("a run must be iterated on the thread that started it: MLX's streams belong "
                                         "to the thread that made them")
@@ -531,9 +639,13 @@ class Run:
             if self._frozen:
                 gc.unfreeze()
                 self._frozen = False
+            if self._heartbeat is not None:
+                self._heartbeat.stop()
+                self._heartbeat = None
             if self._metrics is not None:
                 self._metrics.close()
                 self._metrics = None
+            self._disown()  # last: the folder is free once its files are complete
 
     def _run(self):
         raise NotImplementedError
@@ -543,6 +655,7 @@ class Run:
     def _sync(self, step, loss, mean_loss):
         """After each optimizer step (number `step`): the losses averaged over ranks, and the commands
         any rank received, in one small all-reduce, so that every rank acts on them at the same step."""
+        self._poll_spool()
         flags = _flags(self.control.take())
         if self.world_size > 1:
             out = all_reduce_floats([loss, mean_loss, *flags], label=f"step {step:05d}: loss all-reduce")
@@ -552,6 +665,7 @@ class Run:
 
     def _boundary(self, step):
         """Act on the commands agreed at the last step (generator of events). Returns True to stop."""
+        self._serve_weights(step)
         commands, self._agreed = self._agreed, []
         stop = "stop" in commands
         if "save" in commands and not stop:
@@ -574,6 +688,10 @@ class Run:
         together a few times a second: each poll is a fresh collective, so no watchdog fires."""
         while True:
             self.control.wait(0.25)
+            self._serve_weights(step)
+            self._poll_spool()
+            notices, self._notices = self._notices, []
+            yield from notices  # a refused command shows now, not when the run resumes
             flags = _flags(self.control.take())
             if self.world_size > 1:
                 flags = all_reduce_floats(flags, label=f"step {step:05d}: paused")
@@ -587,6 +705,21 @@ class Run:
             if "resume" in commands:
                 yield Ack("resume", step)
                 return False
+
+    def _serve_weights(self, step):
+        """Answer RunControl.request_weights on this (the training) thread, between steps."""
+        if self._live_model is None:
+            return  # nothing built yet: the requests wait for the first boundary with a model
+        requests = self.control.take_weight_requests()
+        if not requests:
+            return
+        model, tokenizer_dir = self._live_model
+        weights = dict(tree_flatten(model.parameters()))
+        mx.eval(weights)  # arrays still lazy here could not be evaluated on another thread
+        snapshot = WeightsSnapshot(step=step, stage=self.stage, run_dir=self.run_dir, model_config=model.config.to_dict(),
+                                   weights=weights, tokenizer_dir=tokenizer_dir)
+        for callback in requests:
+            callback(snapshot)
 
     def _save(self, step):
         if step == self._last_saved:
@@ -617,6 +750,20 @@ class Run:
             if text:
                 return Notice(text)
         return None
+
+
+def keep_tokenizer(tokenizer, run_dir):
+    """Save the tokenizer a fine-tuning run uses into <run dir>/tokenizer (once), so that its folder is
+    self-contained: chat and eval find the tokenizer beside the checkpoint wherever the base model came
+    from (a run folder with its own tokenizer, nanochat's base dir, ...). Returns that folder."""
+    from mlxchat.tokenizer import save_token_bytes
+    if tokenizer is None:
+        return None
+    tokenizer_dir = os.path.join(run_dir, "tokenizer")
+    if not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.pkl")):
+        tokenizer.save(tokenizer_dir)
+        save_token_bytes(tokenizer, tokenizer_dir)
+    return tokenizer_dir
 
 
 def step_event(step, total, loss, smooth_loss, lrm, dt, tokens_per_step, flops_per_token, world_size, elapsed, eta,

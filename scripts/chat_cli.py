@@ -18,6 +18,7 @@ import sys
 
 import mlxchat  # noqa: F401  (preloads OpenBLAS on Linux before mlx)
 
+from mlxchat.chat import Conversation, ReplyEnd, fit_context, stream_chat  # noqa: F401  (fit_context: still importable from here)
 from mlxchat.checkpoint_manager import build_model, find_last_step, load_model
 from mlxchat.engine import Engine
 from mlxchat.quantize import cast_linear_weights, quantize_model
@@ -39,46 +40,15 @@ def load(args):
     return model, tokenizer
 
 
-def fit_context(turns, new_turn, max_context, max_tokens):
-    """Make [BOS] + turns + new_turn leave room for a reply within the model's context.
-    turns: the earlier turns (token lists); new_turn: this turn's prompt tokens (ending with
-    <|assistant_start|>). Drops the oldest turns first; if this turn alone is too long, keeps the end
-    of it. The reply gets up to max_tokens, but at least half the context when history is dropped.
-    Returns (kept turns, new_turn (maybe cut), number of turns dropped, reply token budget)."""
-    room = min(max_tokens, max_context // 2)
-    budget = max_context - room - 1  # minus BOS
-    dropped = 0
-    while turns and sum(len(t) for t in turns) + len(new_turn) > budget:
-        turns = turns[1:]
-        dropped += 1
-    if len(new_turn) > budget:
-        # keep the first token (<|user_start|>) and the end of the message
-        new_turn = new_turn[:1] + new_turn[len(new_turn) - budget + 1:]
-    used = 1 + sum(len(t) for t in turns) + len(new_turn)
-    return turns, new_turn, dropped, min(max_tokens, max_context - used)
-
-
 def stream_reply(engine, tokenizer, prompt, out, **kwargs):
-    """Generate and print the reply as it comes; returns its tokens (without <|assistant_end|>).
-    Printing is UTF-8 safe: a character split across tokens decodes to U+FFFD until its last byte
-    arrives, so text is held back while it ends in U+FFFD. The held tokens start on a character
-    boundary, so decoding just them is enough; a character has at most 4 bytes, so 8 held tokens
-    mean invalid bytes, which are printed as they are."""
-    assistant_end, bos = tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()
-    reply, pending = [], []
-    for token_column, _ in engine.generate(prompt, num_samples=1, **kwargs):
-        token = token_column[0]
-        if token == assistant_end or token == bos:
-            break
-        reply.append(token)
-        pending.append(token)
-        text = tokenizer.decode(pending)
-        if not text.endswith("\ufffd") or len(pending) >= 8:
-            out.write(text)
+    """Generate and print the reply as it comes (UTF-8 safe: mlxchat.chat.stream_chat); returns its
+    tokens (without <|assistant_end|>). kwargs: stream_chat's (max_tokens, temperature, ...)."""
+    for piece in stream_chat(engine, tokenizer, prompt, **kwargs):
+        if isinstance(piece, ReplyEnd):
+            reply = piece.tokens
+        else:
+            out.write(piece.text)
             out.flush()
-            pending = []
-    if pending:
-        out.write(tokenizer.decode(pending))
     out.write("\n")
     out.flush()
     return reply
@@ -105,10 +75,7 @@ def main(argv=None):
 
     model, tokenizer = load(args)
     engine = Engine(model, tokenizer)
-    bos = tokenizer.get_bos_token_id()
-    user_start, user_end = tokenizer.encode_special("<|user_start|>"), tokenizer.encode_special("<|user_end|>")
-    assistant_start, assistant_end = tokenizer.encode_special("<|assistant_start|>"), tokenizer.encode_special("<|assistant_end|>")
-    max_context = model.config.sequence_len
+    conversation = Conversation(tokenizer, model.config.sequence_len)
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     if not args.prompt:
@@ -116,7 +83,6 @@ def main(argv=None):
         print("-" * 50)
         print("Type 'quit' or 'exit' to end the conversation, 'clear' to start a new one")
         print("-" * 50)
-    turns = []  # the conversation so far, one token list per user + assistant exchange
     seed = args.seed
     while True:
         if args.prompt:
@@ -131,20 +97,15 @@ def main(argv=None):
                 print("Goodbye!")
                 break
             if user_input.lower() == "clear":
-                turns = []
+                conversation.clear()
                 print("Conversation cleared.")
                 continue
             if not user_input:
                 continue
 
-        new_turn = [user_start] + tokenizer.encode(user_input) + [user_end, assistant_start]
-        full_len = len(new_turn)
-        turns, new_turn, dropped, max_tokens = fit_context(turns, new_turn, max_context, args.max_tokens)
-        if dropped or len(new_turn) < full_len:
-            what = [f"dropped the {dropped} oldest turn{'s' if dropped != 1 else ''}"] if dropped else []
-            what += ["kept only the end of your message"] if len(new_turn) < full_len else []
-            print(f"[context: the conversation exceeds the model's {max_context} tokens; {' and '.join(what)}]", file=sys.stderr)
-        prompt = [bos] + [t for turn in turns for t in turn] + new_turn
+        prompt, max_tokens, notice = conversation.prompt(user_input, args.max_tokens)
+        if notice:
+            print(f"[context: {notice}]", file=sys.stderr)
 
         if not args.prompt:
             print("\nAssistant: ", end="", flush=True)
@@ -154,7 +115,7 @@ def main(argv=None):
             print("\n[interrupted]")
             reply = []
         seed += 1
-        turns.append(new_turn + reply + [assistant_end])
+        conversation.add_reply(reply)
         if args.prompt:
             break
 

@@ -70,6 +70,8 @@ import mlx.core as mx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from mlxchat.chat import ReplyEnd, stream_chat
+
 log = logging.getLogger("mlxchat.chat_web")
 
 # -----------------------------------------------------------------------------
@@ -366,45 +368,25 @@ class Worker:
         log.info(f"worker {self.id}: warmed up in {time.time() - t0:.2f}s")
 
     def _generate(self, engine, job):
-        s, tok = job.settings, self.pool.tokenizer
-        t0 = time.time()
-        kwargs = dict(num_samples=1, max_tokens=job.max_tokens, temperature=s.temperature,
-                      top_k=s.top_k if s.top_k else None, seed=s.seed)
-        if s.top_p is not None and s.top_p < 1.0:
-            kwargs["top_p"] = s.top_p
-        gen = engine.generate(job.prompt_ids, **kwargs)
-        # UTF-8-safe streaming: a character can span tokens, and decoding half of it gives U+FFFD.
-        # Hold tokens back until their decoded text no longer ends in U+FFFD, then emit it. Pending
-        # tokens always start on a character boundary, so decoding just them is enough. A character
-        # is at most 4 bytes: more pending tokens than that means invalid bytes, which go out as they are.
-        pending, n, finish = [], 0, "length"
-        try:
-            for token_column, _masks in gen:
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                token = token_column[0]
-                n += 1
-                if token in self.pool.stop_ids:
-                    finish = "stop"
-                    break
-                pending.append(token)
-                text = tok.decode(pending)
-                if not text.endswith("\ufffd") or len(pending) >= 8:
-                    job.put("text", text)
-                    pending = []
-        finally:
-            gen.close()
-        if pending and finish != "cancelled":
-            job.put("text", tok.decode(pending))  # whatever bytes are left, even if not valid UTF-8
+        s = job.settings
+        # stream_chat holds back a character split across tokens until it is whole, and stops at
+        # <|assistant_end|> / <|bos|> or, at the next token, once the client has gone
+        for piece in stream_chat(engine, self.pool.tokenizer, job.prompt_ids, max_tokens=job.max_tokens,
+                                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, seed=s.seed,
+                                 should_stop=job.cancelled.is_set):
+            if isinstance(piece, ReplyEnd):
+                end = piece
+            else:
+                job.put("text", piece.text)
+        finish = {"end": "stop", "length": "length", "stopped": "cancelled"}[end.reason]
+        n = end.num_tokens
         self.requests += 1
         self.tokens += n
-        dt = time.time() - t0
-        self.pool.record_duration(dt)
+        self.pool.record_duration(end.seconds)
         if finish == "cancelled":
             self.pool.count_from_thread("cancelled")
-        log.info(f"worker {self.id}: {len(job.prompt_ids)} prompt + {n} new tokens in {dt:.2f}s "
-                 f"({n / max(dt, 1e-9):.1f} tok/s), {finish}")
+        log.info(f"worker {self.id}: {len(job.prompt_ids)} prompt + {n} new tokens in {end.seconds:.2f}s "
+                 f"({end.tok_per_sec:.1f} tok/s), {finish}")
         job.put("end", finish, n)
 
 
@@ -415,7 +397,6 @@ class WorkerPool:
 
     def __init__(self, model, tokenizer, num_workers, queue_timeout, max_queue, defaults):
         self.model, self.tokenizer, self.defaults = model, tokenizer, defaults
-        self.stop_ids = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.workers = [Worker(i, self) for i in range(num_workers)]
         self.queue_timeout, self.max_queue = queue_timeout, max_queue
         self.waiting = 0

@@ -347,7 +347,8 @@ def test_a_rank_that_never_joins_ends_the_other(tmp_path):
     env = _env(str(tmp_path / "base"))
     env.update(MLX_RANK="0", MLX_HOSTFILE=hostfile)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-m", "scripts.base_train", "--depth", "2", "--dist-timeout", "3"], cwd=ROOT, env=env,
+    proc = subprocess.run([sys.executable, "-m", "scripts.base_train", "--depth", "2", "--dist-timeout", "3",
+                           "--train-tokenizer", "300"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     waited = time.time() - t0
     assert proc.returncode != 0

@@ -188,6 +188,42 @@ def test_a_stop_while_paused_is_acknowledged_once_and_saves(base):
     assert [e.step for e in kinds(rec.events, "saved")] == [finished.step] == [kinds(rec.events, "step")[-1].step]
 
 
+def test_live_weights_are_handed_over_between_steps(base):
+    """request_weights: the callback runs on the training thread at a step boundary with the weights of
+    that step, evaluated, which another thread can use while training goes on (the dashboard's chat)."""
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlxchat.checkpoint_manager import build_model
+    from mlxchat.gpt import GPT, GPTConfig
+    control = RunControl()
+    run, rec = BaseTrainRun(BaseTrainConfig(**TINY, num_iterations=200, data_dir=base, model_tag="live"),
+                            control=control), Recorder()
+    thread = run_in_thread(run, rec)
+    rec.wait_for(lambda e: e.kind == "step" and e.step == 2)
+    control.pause()
+    rec.wait_for(lambda e: e.kind == "phase" and e.name == "paused")
+    got = queue.Queue()
+    control.request_weights(lambda snap: got.put((snap, threading.current_thread().name)))
+    snapshot, on_thread = got.get(timeout=30)  # served while paused, without a resume
+    assert on_thread == thread.name
+    control.save_now()
+    saved = rec.wait_for(lambda e: e.kind == "saved")
+    assert snapshot.step == saved.step and snapshot.stage == "base" and snapshot.run_dir == run.run_dir
+    assert os.path.exists(os.path.join(snapshot.tokenizer_dir, "tokenizer.pkl"))
+    control.resume()
+    rec.wait_for(lambda e: e.kind == "step" and e.step == saved.step + 3)  # training goes on
+    # the snapshot kept the weights of its step: a model built from it on this thread equals the checkpoint
+    model = GPT(GPTConfig(**snapshot.model_config))
+    model.load_state_dict(snapshot.weights)
+    reference, _, _ = build_model(run.run_dir, saved.step)
+    theirs = dict(tree_flatten(reference.parameters()))
+    for name, value in tree_flatten(model.parameters()):
+        np.testing.assert_array_equal(np.array(value), np.array(theirs[name]), err_msg=name)
+    control.stop()
+    thread.join(60)
+    assert thread.error is None
+
+
 def test_a_stopped_run_resumes_exactly(base):
     """Stopped by a command after step 5, resumed from that checkpoint with a new run object: steps 6..12
     give exactly the losses of an uninterrupted run (CPU backend)."""

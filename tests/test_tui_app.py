@@ -1,0 +1,244 @@
+"""
+The dashboard as a whole (tui/app.py), driven with Textual's Pilot: pane switching and help, inline
+validation and presets in Configure, a real tiny run started from the keyboard and watched in the
+Monitor, pause / resume / save / stop from keys, resuming a stopped run from the Runs pane, quitting
+during a run (a checkpoint is left), a failing run shown as failed while the app keeps working, and the
+training thread's messages being batched (a few per second, not one per step).
+"""
+import asyncio
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from mlxchat.checkpoint_manager import find_steps
+from mlxchat.training import read_metrics
+from tui.app import ConfirmScreen, HelpScreen, MlxchatApp
+from tui.panes.configure import ConfigurePane
+from tui.training_worker import TrainingEvents
+
+# a tiny model on the demo corpus, with the parity fixture's tokenizer in the base dir
+TINY = dict(depth="2", aspect_ratio="32", head_dim="32", max_seq_len="64", window_pattern="L", device_batch_size="2",
+            total_batch_size="256", eval_every="-1", sample_every="-1", save_every="-1", eval_tokens="2048")
+pytestmark = pytest.mark.anyio  # the tests are coroutines, run by anyio's pytest plugin on asyncio
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _fp32(monkeypatch):
+    monkeypatch.setenv("MLXCHAT_DTYPE", "float32")
+
+
+@pytest.fixture
+def runs_dir(tmp_path, fixture_dir):
+    from mlxchat.common import get_base_dir
+    shutil.copytree(os.path.join(fixture_dir, "tokenizer"), os.path.join(get_base_dir(), "tokenizer"))
+    return str(tmp_path / "runs")
+
+
+async def wait_until(pilot, predicate, timeout=60.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def fill(app, **values):
+    """Set the Configure pane's pretraining fields (and the tokenizer choice) the way typing would."""
+    pane = app.query_one(ConfigurePane)
+    pane.query_one("#base-tokenizer").value = "base"
+    for name, value in values.items():
+        pane.query_one(f"#base-{name}").value = value
+    return pane
+
+
+def screen_text(app):
+    """What the terminal shows, as plain text lines joined."""
+    return "\n".join("".join(segment.text for segment in strip) for strip in app.screen._compositor.render_strips())
+
+
+@pytest.fixture
+def make_app(runs_dir):
+    """Apps whose threads are shut down after the test, whatever happened (a thread left in MLX at
+    interpreter exit would abort the process)."""
+    apps = []
+
+    def make(**kwargs):
+        app = MlxchatApp(runs_dir=runs_dir, **kwargs)
+        apps.append(app)
+        return app
+    yield make
+    for app in apps:
+        assert app.shutdown_workers(120), "the training thread did not end"
+
+
+async def test_panes_keys_and_help(make_app):
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        tabs = app.query_one("#panes")
+        for key, pane in (("2", "monitor"), ("4", "runs"), ("1", "configure")):
+            await pilot.press(key)
+            assert tabs.active == pane
+        await pilot.press("3")
+        assert tabs.active == "chat"
+        assert app.focused is not None and app.focused.id == "chat-input"  # the message field has the cursor
+        await pilot.press("2")  # typed into the message field, not a pane switch
+        assert tabs.active == "chat"
+        await pilot.press("escape", "escape")  # leave the field: the number keys work again
+        await pilot.press("1")
+        assert tabs.active == "configure"
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        assert "space" in screen_text(app) and "Ctrl-P" in screen_text(app)
+        await pilot.press("escape")
+        assert not isinstance(app.screen, HelpScreen)
+        # with no run, the footer offers start but not pause / save / stop
+        assert app.check_action("start", ()) and not app.check_action("pause_resume", ())
+        assert not app.check_action("stop", ())
+
+
+async def test_configure_refuses_bad_values_inline_and_presets_fill_it(make_app, runs_dir):
+    app = make_app(preset="demo")
+    async with app.run_test(size=(120, 40)) as pilot:
+        pane = app.query_one(ConfigurePane)
+        await pilot.pause(0.2)
+        assert pane.query_one("#base-depth").value == "4" and pane.query_one("#base-num_iterations").value == "150"
+        fill(app, **TINY)
+        await pilot.pause(0.1)
+        assert pane.build().ok, pane.build().problems
+        assert "python -m scripts.base_train --depth 2" in str(pane.query_one("#cfg-command").render())
+        pane.query_one("#base-depth").value = "0"
+        pane.query_one("#base-device_batch_size").value = "3"  # 3 x 64 does not divide 256
+        await pilot.pause(0.1)
+        plan = pane.build()
+        assert not plan.ok
+        assert "--depth must be > 0" in plan.problems["depth"]
+        assert "not a multiple" in plan.problems["device_batch_size"]
+        assert "--depth must be > 0" in str(pane.query_one("#err-base-depth").render())  # shown beside the field
+        await pilot.press("r")
+        await pilot.pause(0.2)
+        assert app.control is None and not os.path.exists(runs_dir) or not os.listdir(runs_dir)  # nothing started
+        pane.apply_preset("d12")
+        await pilot.pause(0.1)
+        assert pane.query_one("#base-depth").value == "12" and pane.query_one("#base-device_batch_size").value == "auto"
+        assert pane.query_one("#base-tokenizer").value == "base"
+        derived = str(pane.query_one("#cfg-derived").render())
+        assert "width 768" in derived and "6 heads" in derived  # nanochat's d12: 12 x 64, heads of 128
+        pane.query_one("#cfg-stage").value = "sft"
+        await pilot.pause(0.1)
+        plan = pane.build()
+        assert plan.stage == "sft" and "base_checkpoint_dir" in plan.problems  # no base checkpoint exists yet
+
+
+async def test_train_pause_save_stop_resume_and_quit_from_keys(make_app, runs_dir):
+    app = make_app()
+    batches = []
+    async with app.run_test(size=(120, 40), message_hook=lambda m: batches.append(m) if isinstance(m, TrainingEvents) else None) as pilot:
+        fill(app, **TINY, num_iterations="100000", run_name="keys")
+        await pilot.pause(0.1)
+        await pilot.press("r")
+        tabs = app.query_one("#panes")
+        assert tabs.active == "monitor"
+        await wait_until(pilot, lambda: app.state.step >= 5, what="the monitor to advance")
+        assert "step" in screen_text(app) and "keys" in screen_text(app)
+        # space pauses at a step boundary: the step counter stops
+        await pilot.press("space")
+        await wait_until(pilot, lambda: app.state.state == "paused", what="paused")
+        paused_at = app.state.step
+        await pilot.pause(0.6)
+        assert app.state.step == paused_at
+        # s saves while paused
+        await pilot.press("s")
+        run_dir = os.path.join(runs_dir, "keys")
+        await wait_until(pilot, lambda: paused_at in find_steps(run_dir), what="the checkpoint")
+        await pilot.press("space")
+        await wait_until(pilot, lambda: app.state.step > paused_at + 2, what="resumed")
+        # x asks, n keeps training, x + y stops with a checkpoint
+        await pilot.press("x")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("n")
+        assert app.active
+        await pilot.press("x", "y")
+        await wait_until(pilot, lambda: not app.active, what="stopped")
+        assert app.state.state == "stopped"
+        stopped_at = app.state.step
+        assert stopped_at in find_steps(run_dir)
+        # steps arrive in batches: far fewer messages than steps
+        steps = sum(1 for b in batches for r in b.records if r["event"] == "step")
+        step_batches = sum(1 for b in batches if any(r["event"] == "step" for r in b.records))
+        assert steps > 10 and step_batches < steps
+        assert os.path.exists(os.path.join(run_dir, "train.log")) and os.path.exists(os.path.join(run_dir, "config.json"))
+        # the Runs pane lists it as stopped; r resumes it from its last checkpoint
+        await pilot.press("4")
+        runs = app.query_one("RunsPane")
+        await wait_until(pilot, lambda: runs.selected_run() is not None, what="the run listed")
+        assert runs.selected_run().state == "stopped"
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.active and app.state.step > stopped_at, what="resumed from Runs")
+        started = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["event"] == "started"]
+        assert started[-1]["start_step"] == stopped_at
+        # q asks while a run is active; yes stops it with a checkpoint, then quits
+        await pilot.press("q")
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await wait_until(pilot, lambda: not app.is_running or app._exit_renderables is not None or not app.active,
+                         what="the quit")
+    assert app.worker.shutdown(30)
+    finished = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["event"] == "finished"]
+    assert finished[-1]["status"] == "stopped" and finished[-1]["step"] in find_steps(run_dir)
+    assert finished[-1]["step"] > stopped_at
+
+
+async def test_a_failing_run_is_shown_and_the_app_goes_on(make_app, runs_dir, tmp_path):
+    bad = tmp_path / "bad_data"
+    bad.mkdir()
+    (bad / "shard_00000.parquet").write_bytes(b"this is not parquet")
+    (bad / "shard_00001.parquet").write_bytes(b"nor this")
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        pane = fill(app, **TINY, num_iterations="5", run_name="bad")
+        pane.query_one("#base-data").value = "folder"
+        pane.query_one("#base-data-folder").value = str(bad)
+        await pilot.pause(0.1)
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.state is not None and app.state.state == "failed", what="failed")
+        assert "parquet" in (app.state.error or "")
+        assert not app.active
+        assert "failed" in screen_text(app)
+        # the app still works: a good run starts after the failed one
+        pane.query_one("#base-data").value = "demo"
+        pane.query_one("#base-run_name").value = "good"
+        await pilot.pause(0.1)
+        await pilot.press("1", "r")
+        await wait_until(pilot, lambda: app.state.state == "finished", what="the good run")
+        assert find_steps(os.path.join(runs_dir, "good")) == [5]
+
+
+async def test_a_folder_of_text_is_imported_into_the_run_then_trained_on(make_app, runs_dir, tmp_path):
+    texts = tmp_path / "my_texts"
+    texts.mkdir()
+    for i in range(40):
+        (texts / f"note_{i:02d}.txt").write_text(f"Note {i}. " + "The quick brown fox jumps over the lazy dog. " * (20 + i))
+    app = make_app()
+    async with app.run_test(size=(100, 30)) as pilot:
+        pane = fill(app, **TINY, num_iterations="3", run_name="mine")
+        pane.query_one("#base-data").value = "folder"
+        pane.query_one("#base-data-folder").value = str(texts)
+        await pilot.pause(0.1)
+        plan = pane.build()
+        assert plan.ok and plan.import_from == str(texts)
+        assert "mlxchat.dataset import" in str(pane.query_one("#cfg-command").render())
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.state.state in ("finished", "failed"), what="the run on imported text")
+        assert app.state.state == "finished", app.state.error
+    data = os.path.join(runs_dir, "mine", "data")
+    assert sorted(n for n in os.listdir(data) if n.endswith(".parquet"))  # the shards the run trained on
+    assert find_steps(os.path.join(runs_dir, "mine")) == [3]

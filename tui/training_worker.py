@@ -1,0 +1,218 @@
+"""
+The dashboard's one training thread: a long-lived `threading.Thread` that owns every MLX array of every
+run the app trains (MLX streams belong to the thread that made them, and each new MLX thread leaves an
+OS thread behind, so there is one for the app's lifetime, not one per run).
+
+The UI talks to it with plain calls (start a run, send a command, shut down) and hears from it by
+messages carrying the runs' events as dicts of Python numbers and strings, batched: at most about five
+messages a second while steps stream in, at once for what changes the screen's state (a phase, a
+checkpoint, the end). It also probes the machine once at start, for the Configure pane's time estimate.
+"""
+import json
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from textual.message import Message
+
+# events that change what the run is doing: shown at once; the rest (steps, logs) ride in batches
+URGENT = {"started", "phase", "saved", "ack", "eval", "samples", "notice", "finished"}
+
+
+class MachineInfo(Message):
+    """What the training thread measured about this machine (once, at start)."""
+
+    def __init__(self, backend: str, device: str, memory_bytes: int, flops_per_sec: float, peak_flops: Optional[float]):
+        super().__init__()
+        self.backend, self.device, self.memory_bytes = backend, device, memory_bytes
+        self.flops_per_sec, self.peak_flops = flops_per_sec, peak_flops
+
+
+class TrainingEvents(Message):
+    """A batch of a run's events (event.to_dict() plus "time"), oldest first."""
+
+    def __init__(self, run_id: int, records: list):
+        super().__init__()
+        self.run_id, self.records = run_id, records
+
+
+class RunRefused(Message):
+    """The run could not be made (its config was refused); nothing started."""
+
+    def __init__(self, run_id: int, error: str):
+        super().__init__()
+        self.run_id, self.error = run_id, error
+
+
+@dataclass
+class Job:
+    run_id: int
+    make_run: object  # callable(control) -> mlxchat.training.Run; called on the training thread
+    control: object  # the run's RunControl, made by the UI so that keys work before the run starts
+    run_dir: Optional[str] = None
+
+
+class TrainingWorker:
+    """Start with start(); queue runs with submit(); shutdown() stops the active run (it saves a
+    checkpoint) and ends the thread."""
+
+    def __init__(self, target, interval=0.2):
+        self.target = target  # whom to post messages to (the app): post_message is thread-safe
+        self.interval = interval  # seconds between batches of steps
+        self._jobs = queue.Queue()
+        self._active = None  # the Job being trained
+        self._lock = threading.Lock()
+        self.thread = threading.Thread(target=self._main, name="mlxchat-train", daemon=True)
+        self._next_id = 0
+
+    def start(self):
+        self.thread.start()
+
+    @property
+    def active(self):
+        with self._lock:
+            return self._active
+
+    def submit(self, make_run, control):
+        """Queue a run; returns its id (the id of the messages it will post)."""
+        with self._lock:
+            self._next_id += 1
+            run_id = self._next_id
+        self._jobs.put(Job(run_id, make_run, control))
+        return run_id
+
+    def shutdown(self, timeout=None):
+        """Stop the active run (a checkpoint is saved first) and end the thread; waits up to `timeout`
+        seconds. Returns True when the thread ended."""
+        job = self.active
+        if job is not None:
+            job.control.stop()
+        self._jobs.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    # -- on the training thread
+
+    def _main(self):
+        import mlx.core as mx
+        try:
+            self._probe()
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    break
+                with self._lock:
+                    self._active = job
+                try:
+                    self._train(job)
+                finally:
+                    with self._lock:
+                        self._active = None
+        finally:
+            mx.clear_streams()  # a thread that leaves its streams behind can abort the process at exit
+
+    def _probe(self):
+        """A ~0.2 s matmul probe: what this machine's MLX does per second, for the time estimate."""
+        import mlx.core as mx
+        from mlxchat.hardware import backend_name, device_memory_bytes, device_name, get_peak_flops
+        n = 512
+        a = mx.random.normal((n, n))
+        b = mx.random.normal((n, n))
+        mx.eval(a, b, a @ b)  # warm up
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 0.2:
+            mx.eval(a @ b)
+            reps += 1
+        rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+        del a, b
+        self.target.post_message(MachineInfo(backend_name(), device_name(), int(device_memory_bytes() or 0), rate,
+                                             get_peak_flops()))
+
+    def _train(self, job):
+        from mlxchat.training import TrainingError
+        try:
+            run = job.make_run(job.control)
+        except Exception as e:  # noqa: BLE001  (a refused config: shown, nothing started)
+            self.target.post_message(RunRefused(job.run_id, str(e)))
+            return
+        batch, last_post = [], 0.0
+        log = None
+        try:
+            for event in run:
+                record = dict(event.to_dict(), time=round(time.time(), 3))
+                if event.kind == "started":
+                    job.run_dir = event.run_dir
+                    log = _RunLog(event.run_dir, record)
+                if log is not None:
+                    log.write(record)
+                batch.append(record)
+                now = time.monotonic()
+                if event.kind in URGENT or now - last_post >= self.interval:
+                    self.target.post_message(TrainingEvents(job.run_id, batch))
+                    batch, last_post = [], now
+        except TrainingError:
+            pass  # its Finished(failed) event was already posted with the message
+        except Exception as e:  # noqa: BLE001  (a bug: the run is failed, the app goes on)
+            failed = {"event": "finished", "status": "failed", "step": getattr(run, "step", 0), "summary": {},
+                      "error": f"{type(e).__name__}: {e}", "time": round(time.time(), 3)}
+            if not batch or batch[-1].get("event") != "finished":
+                batch.append(failed)
+        finally:
+            if batch:
+                self.target.post_message(TrainingEvents(job.run_id, batch))
+            if log is not None:
+                log.close()
+
+
+class _RunLog:
+    """The run folder's human-readable side: config.json (the resolved config) and train.log (what the
+    scripts would print). metrics.jsonl, written by the run itself, is the complete record."""
+
+    def __init__(self, run_dir, started):
+        from mlxchat.common import atomic_write_text
+        os.makedirs(run_dir, exist_ok=True)
+        config = {"stage": started["stage"], **started["config"]}
+        atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=2, default=str) + "\n")
+        self._f = open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8")
+
+    def write(self, record):
+        line = log_line(record)
+        if line:
+            self._f.write(time.strftime("%H:%M:%S ", time.localtime(record.get("time", time.time()))) + line + "\n")
+            self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+def log_line(record):
+    """One line of train.log for an event record, or None for the ones not worth a line."""
+    kind = record.get("event")
+    if kind == "log":
+        return record["text"]
+    if kind == "notice":
+        return f"[{record.get('level', 'warning')}] {record['text']}"
+    if kind == "step":
+        total = record.get("total")
+        return (f"step {record['step']:05d}{f'/{total:05d}' if total else ''} | loss {record['loss']:.6f} "
+                f"| lrm {record['lrm']:.2f} | dt {record['dt'] * 1000:.0f}ms | tok/sec {record['tok_per_sec']:,.0f}")
+    if kind == "eval":
+        return f"step {record['step']:05d} | " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in record["metrics"].items())
+    if kind == "saved":
+        return f"saved checkpoint step {record['step']} to {record['path']}"
+    if kind == "ack":
+        return f"{record['command']} at step {record['step']}"
+    if kind == "phase":
+        return f"-- {record['name']}"
+    if kind == "started":
+        return f"started {record['stage']} run: {record['num_params']:,} parameters, {record['total_steps']} steps"
+    if kind == "finished":
+        return f"finished: {record['status']} at step {record['step']}" + (f": {record['error']}" if record.get("error") else "")
+    if kind == "samples":
+        return "\n".join(f"  {p!r} -> {c!r}" for p, c in record["samples"])
+    return None
