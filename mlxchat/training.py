@@ -285,6 +285,7 @@ class RunControl:
         self._lock = threading.Lock()
         self._pending = []
         self._weight_requests = []
+        self._holds = 0
         self._wake = threading.Event()
 
     def pause(self):
@@ -306,6 +307,18 @@ class RunControl:
         with self._lock:
             self._pending.append(command)
         self._wake.set()
+
+    def hold(self, on):
+        """Hold the run at its next step boundary while `on` (e.g. while the dashboard streams a chat reply:
+        both would share the same cores or GPU, and a reply beside training runs several times slower).
+        Not a pause: nothing is acknowledged or saved, and any command ends the hold at once. A run of
+        several processes does not hold."""
+        with self._lock:
+            self._holds += 1 if on else -1
+
+    def held(self):
+        with self._lock:
+            return self._holds > 0 and not self._pending
 
     def request_weights(self, callback):
         """Ask for the run's current weights: at its next step boundary (or at once while paused) the run
@@ -666,6 +679,12 @@ class Run:
     def _boundary(self, step):
         """Act on the commands agreed at the last step (generator of events). Returns True to stop."""
         self._serve_weights(step)
+        if self.world_size == 1 and not self._agreed and self.control.held():
+            while self.control.held():
+                time.sleep(0.01)  # a chat reply streams: it gets the machine until it ends (or a command comes)
+                self._serve_weights(step)
+                self._poll_spool()  # commands from other processes end it too
+            self._agreed = _commands(_flags(self.control.take()))  # the command that ended the hold, at once
         commands, self._agreed = self._agreed, []
         stop = "stop" in commands
         if "save" in commands and not stop:

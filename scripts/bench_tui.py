@@ -186,7 +186,12 @@ def chat_speed(checkpoint_dir, tokens, train_flags, repeats=3):
     thread = run_in_thread(run, on_event=None, name="bench-train")
     while run.step < 3 and thread.is_alive():
         time.sleep(0.1)
+    worker.training_control = run.control  # as the dashboard does: the run holds while a reply streams
     busy = replies()
+    held_at = run.step
+    time.sleep(2.0)
+    if run.step == held_at:
+        raise RuntimeError("the training run did not go on after the replies")
     run.control.stop()
     thread.join()
     worker.shutdown()
@@ -204,6 +209,7 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="change the preset for both sides, e.g. --set depth=8 --set max_seq_len=1024 (a GPU needs a larger "
                         "step than the demo's to time anything but the host)")
+    p.add_argument("--chat-only", action="store_true", help="only the chat figures (one script run makes the checkpoint)")
     p.add_argument("--thread", action="store_true", help="also time the run on a background thread of a process "
                    "without a UI (what the dashboard does, minus its screen)")
     p.add_argument("--headless", action="store_true", help="run the dashboard in this process without a terminal "
@@ -234,6 +240,14 @@ def main(argv=None):
     print(f"bench_tui: {'headless dashboard (in this process), ' if args.headless else 'dashboard in tmux, '}"
           f"{args.preset} preset{' with ' + ', '.join(args.set) if args.set else ''}, {args.steps} steps per run, speed from steps {args.skip + 1}-{args.steps}, "
           f"{args.repeats} runs per side alternated; work dir {work}", flush=True)
+    if args.chat_only:
+        run_dir = os.path.join(work, "script", "chat")
+        run_script(flags, run_dir, env)
+        os.environ["MLXCHAT_BASE_DIR"] = env["MLXCHAT_BASE_DIR"]
+        idle, busy = chat_speed(run_dir, args.chat_tokens, flags, repeats=3)
+        print(f"chat reply ({args.chat_tokens} tokens): {statistics.median(idle):,.0f} tok/s alone, {statistics.median(busy):,.0f} "
+              f"tok/s while a run trains in the same process (held at a step boundary while the reply streams)")
+        return
     script_tps, tui_tps, thread_tps, latencies = [], [], [], []
     for i in range(args.repeats):
         run_dir = os.path.join(work, "script", f"r{i}")
@@ -271,7 +285,7 @@ def main(argv=None):
               f"p99 {p99:.0f} ms, max {ms[-1]:.0f} ms")
     idle, busy = chat_speed(os.path.join(work, "tui", "r0"), args.chat_tokens, flags, repeats=3)
     print(f"chat reply ({args.chat_tokens} tokens): {statistics.median(idle):,.0f} tok/s alone, {statistics.median(busy):,.0f} "
-          f"tok/s while training runs in the same process")
+          f"tok/s while a run trains in the same process (held at a step boundary while the reply streams)")
 
 
 if __name__ == "__main__":

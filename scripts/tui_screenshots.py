@@ -51,7 +51,7 @@ async def take(out_dir, steps, size):
             await pilot.pause(3.0)
             box = app.query_one("#chat-input")
             box.value = "The state of the union is"
-            box.action_submit()
+            await box.action_submit()
             await until(pilot, lambda: "tok/s" in str(chat.query_one("#chat-status").render()), timeout=120)
             await pilot.pause(0.5)
             shot("chat")

@@ -224,6 +224,30 @@ def test_live_weights_are_handed_over_between_steps(base):
     assert thread.error is None
 
 
+def test_a_hold_keeps_the_run_at_a_step_boundary_until_released_or_a_command(base):
+    """RunControl.hold (the dashboard's chat while a reply streams): no step is taken while held, none is
+    acknowledged, training goes on when released, and a command ends the hold at once."""
+    control = RunControl()
+    run, rec = BaseTrainRun(BaseTrainConfig(**TINY, num_iterations=200, data_dir=base, model_tag="held"),
+                            control=control), Recorder()
+    thread = run_in_thread(run, rec)
+    rec.wait_for(lambda e: e.kind == "step" and e.step == 2)
+    control.hold(True)
+    time.sleep(1.0)
+    held_at = kinds(rec.events, "step")[-1].step
+    time.sleep(1.0)
+    assert kinds(rec.events, "step")[-1].step == held_at and not kinds(rec.events, "ack")
+    control.hold(False)
+    rec.wait_for(lambda e: e.kind == "step" and e.step == held_at + 2)
+    control.hold(True)
+    time.sleep(0.5)
+    control.stop()  # a command while held: taken at once
+    finished = rec.wait_for(lambda e: e.kind == "finished", timeout=60)
+    assert finished.status == "stopped"
+    thread.join(60)
+    assert thread.error is None
+
+
 def test_a_stopped_run_resumes_exactly(base):
     """Stopped by a command after step 5, resumed from that checkpoint with a new run object: steps 6..12
     give exactly the losses of an uninterrupted run (CPU backend)."""

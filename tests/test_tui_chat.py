@@ -299,7 +299,10 @@ class FakeControl:
     """RunControl.request_weights as a training run answers it: on its own thread, a little later."""
 
     def __init__(self, snapshot):
-        self.snapshot, self.threads = snapshot, []
+        self.snapshot, self.threads, self.holds = snapshot, [], []
+
+    def hold(self, on):  # the run is held at a step boundary while a reply streams
+        self.holds.append(on)
 
     def request_weights(self, callback):
         thread = threading.Timer(0.05, callback, args=(self.snapshot,))
@@ -349,6 +352,7 @@ def test_live_weights_load_and_answer_with_the_calculator(listed, tiny, tmp_path
             assert [str(s.content) for s in reply.query(".chat-tool-call")] == ["calculator 3+4"]
             assert [str(s.content) for s in reply.query(".chat-tool-result")] == ["= 7"]
             assert reply.text == "3+47!" and "tok/s" in status(pane)
+            assert control.holds == [True, False]  # the training run was held for the reply, then let go
 
             # the run ends: its entry goes, the loaded weights stay
             pane.set_live_source(None, None)

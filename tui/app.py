@@ -37,7 +37,7 @@ from tui.training_worker import MachineInfo, RunRefused, TrainingEvents, Trainin
 PANES = ("configure", "monitor", "chat", "runs")
 ACTIVE_STATES = {"starting", "loading", "tokenizer", "tokenizing", "measuring", "compiling", "running", "evaluating",
                  "sampling", "saving", "paused", "importing"}
-STATE_STYLE = {"running": "green", "paused": "yellow", "failed": "red", "finished": "blue", "stopped": "magenta",
+STATE_STYLE = {"running": "green", "paused": "yellow", "failed": "red", "finished": "bright_blue", "stopped": "magenta",
                "owner gone": "dark_orange"}
 
 
@@ -525,7 +525,7 @@ class MlxchatApp(App):
         total = f"/{s.total_steps}" if s.total_steps else ""
         speed = f" · {count(s.tok_per_sec[-1])} tok/s" if s.tok_per_sec else ""
         eta = f" · ETA {duration(s.eta)}" if s.eta and s.state in ACTIVE_STATES else ""
-        owner = "" if self.active or s.run_dir is None or self.state is None else " · viewing"
+        owner = ""  # this process's own run (active or ended) says nothing more
         attached = ""
         if self.viewing is not None and not self.active:
             # right after the state: an 80-column line cuts its end, and this says whom the keys reach

@@ -161,6 +161,8 @@ class ChatPane(Vertical):
         """A training run's RunControl (or None when no run is active): the model list offers its
         current weights first."""
         self._live = (control, label) if control is not None else None
+        if self.worker is not None:
+            self.worker.training_control = control
         if control is None and self._awaiting_live:
             # the run ended before its next step boundary: its weights never come
             self._awaiting_live, self._loading = False, None

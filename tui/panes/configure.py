@@ -70,6 +70,8 @@ class ConfigurePane(Vertical):
         self._preset = preset if preset in PRESETS else None
         self._vocab_cache = {}
         self._help = {}  # widget id -> help text
+        self._listed = {}  # checkpoint field -> the options its list shows
+        self._validated = None  # the form's values at the last revalidate()
         self.plan = None
 
     # -- layout
@@ -192,6 +194,9 @@ class ConfigurePane(Vertical):
             select = self.query_one(f"#{stage}-{name}", Select)
             current = select.value
             options = [(c.label, c.path) for c in found if c.stage in stages]
+            if options == self._listed.get(name):
+                continue  # unchanged: refilling would re-run the validation and redraw the form for nothing
+            self._listed[name] = options
             select.set_options(options)
             if current in {path for _, path in options}:
                 select.value = current
@@ -335,6 +340,10 @@ class ConfigurePane(Vertical):
     def revalidate(self):
         if not self.is_mounted:
             return
+        values = (self.stage, self.machine, tuple(getattr(w, "value", None) for w in self.query("Input, Select")))
+        if values == self._validated:
+            return  # nothing changed since the last check (a refilled list, a repeated event)
+        self._validated = values
         plan = self.plan = self.build()
         stage = plan.stage
         self._show_sub_rows()
@@ -426,8 +435,10 @@ class ConfigurePane(Vertical):
             text.append(f"memory ≥ {need / 2**30:.2f} GiB of {have / 2**30:.0f} GiB: ", style=None)
             text.append(verdict + "\n", style=style)
         if machine is not None:
-            # a rough figure: the share of the matmul probe (or of the GPU's peak) a training step reaches
-            rate = 0.4 * machine.peak_flops if machine.peak_flops else 0.35 * machine.flops_per_sec
+            # a rough figure: a GPU's training step reaches ~20% of its peak (nanochat-sized models on an H100:
+            # 9-24%, docs/performance.md); on a CPU the demo model trained at ~1.1x the 512x512 matmul probe's
+            # rate (2-core x86, OpenBLAS), so the probe's rate is the estimate there
+            rate = 0.2 * machine.peak_flops if machine.peak_flops else machine.flops_per_sec
             text.append(f"time ≈ {duration(total_flops / rate)} on this {machine.device} (rough estimate)\n")
         return text
 
