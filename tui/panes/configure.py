@@ -90,10 +90,11 @@ class ConfigurePane(Vertical):
                         for name in names:
                             yield from self._row(stage, name, info)
             with VerticalScroll(id="cfg-side"):
-                yield Static("Tab / Shift-Tab move between settings; each one's meaning shows here. "
-                             "Esc leaves a field.", id="cfg-fieldhelp")
+                # what the dial derives and whether it fits come first: at 80x24 they are all that shows
                 yield Static(id="cfg-derived")
                 yield Static(id="cfg-problems")
+                yield Static("Tab / Shift-Tab move between settings; each one's meaning shows here. "
+                             "Esc leaves a field.", id="cfg-fieldhelp")
                 yield Static(id="cfg-command")
 
     def _row(self, stage, name, info):
