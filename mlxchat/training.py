@@ -21,7 +21,7 @@ import socket
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, get_args
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -441,6 +441,15 @@ def option(default, help, **metadata):
     return field(default=default, metadata={"help": help, **metadata})
 
 
+def field_type(f):
+    """What turns a config field's text (a flag, a form) into its value: its `parse` function, else its
+    type (Optional[X]: X)."""
+    if "parse" in f.metadata:
+        return f.metadata["parse"]
+    args = [a for a in get_args(f.type) if a is not type(None)]
+    return args[0] if len(args) == 1 else f.type
+
+
 def parse_batch_size(text):
     """--device-batch-size: a positive integer or 'auto'."""
     if str(text).strip().lower() == "auto":
@@ -769,6 +778,43 @@ class Run:
             if text:
                 return Notice(text)
         return None
+
+
+def metric_text(v):
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def step_line(e, show_loss=True):
+    """A Step event as the scripts print it."""
+    from mlxchat.common import format_duration
+    total = f"{e.total:05d}" if e.total else "?"
+    mfu = f"{e.mfu:.1f}%" if e.mfu is not None else "unknown"
+    extra = "".join(f" | {k.replace('_', ' ')} {metric_text(v)}" for k, v in e.extra.items())
+    loss = f" | loss {e.smooth_loss:.4f}" if show_loss else ""
+    return (f"step {e.step:05d}/{total} ({100 * e.progress:.1f}%){loss}{extra} | lrm {e.lrm:.2f} | "
+            f"dt {e.dt * 1000:.0f}ms | tok/s {e.tok_per_sec:,.0f} | mfu {mfu} | "
+            f"elapsed {format_duration(e.elapsed)} | eta {format_duration(e.eta)}")
+
+
+def event_lines(event, show_loss=True):
+    """The plain-text lines an event reads as: what the scripts print, what the dashboard keeps in a run's
+    train.log. Started, Phase and Finished have none here (the scripts show them their own way)."""
+    kind = event.kind
+    if kind == "log":
+        return [event.text]
+    if kind == "notice":
+        return [f"WARNING: {event.text}"]
+    if kind == "step":
+        return [step_line(event, show_loss)]
+    if kind == "eval":
+        return [f"step {event.step:05d} | " + " | ".join(f"{k.replace('_', ' ')} {metric_text(v)}" for k, v in event.metrics.items())]
+    if kind == "samples":
+        return [prompt + completion for prompt, completion in event.samples]
+    if kind == "saved":
+        return [f"saved checkpoint step {event.step} to {event.path}"]
+    if kind == "ack":
+        return [f"step {event.step:05d} | {event.command}"]
+    return []
 
 
 def keep_tokenizer(tokenizer, run_dir):

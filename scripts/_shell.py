@@ -10,9 +10,9 @@ import dataclasses
 import os
 import signal
 import sys
-import typing
 
 from mlxchat.common import format_duration
+from mlxchat.training import event_lines, field_type, metric_text, step_line
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell expects of a job stopped by Ctrl-C
@@ -22,18 +22,10 @@ EXIT_HANG = 3  # the distributed watchdog: another rank stopped answering
 # -----------------------------------------------------------------------------
 # the command line from a config dataclass
 
-def _flag_type(f):
-    """What argparse converts a field's flag with: its `parse` function, else its type (Optional[X]: X)."""
-    if "parse" in f.metadata:
-        return f.metadata["parse"]
-    args = [a for a in typing.get_args(f.type) if a is not type(None)]
-    return args[0] if len(args) == 1 else f.type
-
-
 def add_config_args(parser, config_cls):
     """One --flag per field of config_cls, with its default and help text."""
     for f in dataclasses.fields(config_cls):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=_flag_type(f),
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=f.default, type=field_type(f),
                             choices=f.metadata.get("choices"), help=f.metadata.get("help", ""))
 
 
@@ -166,38 +158,25 @@ class Console:
         if self.quiet:
             return
         kind = event.kind
-        if kind == "log":
-            self.message(event.text)
-        elif kind == "notice":
-            self.message(f"WARNING: {event.text}")
-        elif kind == "started":
+        if kind == "started":
             self.total = event.total_steps
             if self.tty:
                 self._start_bar(event.total_steps)
                 self.progress.update(self.task, completed=event.start_step)
         elif kind == "step":
             self._step(event)
-        elif kind == "eval":
-            self.message(f"step {event.step:05d} | " + " | ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in event.metrics.items()))
-        elif kind == "samples":
-            for prompt, completion in event.samples:
-                self.message(prompt + completion)
-        elif kind == "saved":
-            self.message(f"saved checkpoint step {event.step} to {event.path}")
-        elif kind == "ack":
-            self.message(f"step {event.step:05d} | {event.command}")
         elif kind == "finished":
             self.close()
+        else:
+            for line in event_lines(event):
+                self.message(line)
 
     def _step(self, e):
-        total = f"{e.total:05d}" if e.total else "?"
-        mfu = f"{e.mfu:.1f}%" if e.mfu is not None else "unknown"
-        extra = "".join(f" | {k.replace('_', ' ')} {_fmt(v)}" for k, v in e.extra.items())
-        loss = f" | loss {e.smooth_loss:.4f}" if self.show_loss else ""
-        line = (f"step {e.step:05d}/{total} ({100 * e.progress:.1f}%){loss}{extra} | lrm {e.lrm:.2f} | "
-                f"dt {e.dt * 1000:.0f}ms | tok/s {e.tok_per_sec:,.0f} | mfu {mfu} | "
-                f"elapsed {format_duration(e.elapsed)} | eta {format_duration(e.eta)}")
+        line = step_line(e, self.show_loss)
         if self.progress is not None:
+            mfu = f"{e.mfu:.1f}%" if e.mfu is not None else "unknown"
+            extra = "".join(f" | {k.replace('_', ' ')} {metric_text(v)}" for k, v in e.extra.items())
+            loss = f" | loss {e.smooth_loss:.4f}" if self.show_loss else ""
             status = f"{loss[3:]}{extra} | tok/s {e.tok_per_sec:,.0f} | mfu {mfu}".lstrip(" |")
             self.progress.update(self.task, completed=e.step if e.total else e.progress * 100,
                                  total=e.total or 100, status=status, eta=format_duration(e.eta))
@@ -205,10 +184,6 @@ class Console:
                 self.message(line)
         elif e.step % self.log_every == 0 or e.step == e.total:
             self.message(line)
-
-
-def _fmt(v):
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
 # -----------------------------------------------------------------------------

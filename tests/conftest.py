@@ -5,6 +5,7 @@ Outside CI a missing fixture skips the parity tests with a reason; in CI (CI=tru
 """
 import json
 import os
+import shutil
 
 # fp32 parity tolerances assume true fp32 matmuls; MLX's CUDA backend uses TF32 by default
 # (training keeps that default, as nanochat keeps torch's "high" matmul precision)
@@ -49,3 +50,16 @@ def cases(fixture_dir):
 def _isolated_base_dir(tmp_path, monkeypatch):
     # every test gets its own base dir: nothing touches ~/.cache/mlxchat
     monkeypatch.setenv("MLXCHAT_BASE_DIR", str(tmp_path / "base"))
+
+
+@pytest.fixture
+def base(fixture_dir):
+    """A base dir with the fixture's tokenizer; returns the fixture's shards folder."""
+    from mlxchat.common import get_base_dir
+    shutil.copytree(os.path.join(fixture_dir, "tokenizer"), os.path.join(get_base_dir(), "tokenizer"))
+    return os.path.join(fixture_dir, "base_data")
+
+
+@pytest.fixture
+def anyio_backend():
+    return "asyncio"

@@ -7,7 +7,6 @@ command folder's permissions, heartbeats, and the viewer reading a torn, growing
 """
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -33,22 +32,9 @@ TINY_ARGS = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(autouse=True)
 def _fp32(monkeypatch):
     monkeypatch.setenv("MLXCHAT_DTYPE", "float32")
-
-
-@pytest.fixture
-def base(fixture_dir):
-    """A base dir with the fixture's tokenizer; returns the fixture's shards folder."""
-    from mlxchat.common import get_base_dir
-    shutil.copytree(os.path.join(fixture_dir, "tokenizer"), os.path.join(get_base_dir(), "tokenizer"))
-    return os.path.join(fixture_dir, "base_data")
 
 
 @pytest.fixture

@@ -36,14 +36,6 @@ def _fp32(monkeypatch):
     monkeypatch.setenv("MLXCHAT_DTYPE", "float32")
 
 
-@pytest.fixture
-def base(fixture_dir):
-    """A base dir with the fixture's tokenizer; returns the fixture's shards folder."""
-    from mlxchat.common import get_base_dir
-    shutil.copytree(os.path.join(fixture_dir, "tokenizer"), os.path.join(get_base_dir(), "tokenizer"))
-    return os.path.join(fixture_dir, "base_data")
-
-
 class Recorder:
     """Collects a run's events (on the run's thread) and lets the test thread wait for one."""
 

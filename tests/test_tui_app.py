@@ -8,7 +8,6 @@ training thread's messages being batched (a few per second, not one per step).
 import asyncio
 import json
 import os
-import shutil
 import time
 
 import pytest
@@ -22,12 +21,7 @@ from tui.training_worker import TrainingEvents
 # a tiny model on the demo corpus, with the parity fixture's tokenizer in the base dir
 TINY = dict(depth="2", aspect_ratio="32", head_dim="32", max_seq_len="64", window_pattern="L", device_batch_size="2",
             total_batch_size="256", eval_every="-1", sample_every="-1", save_every="-1", eval_tokens="2048")
-pytestmark = pytest.mark.anyio  # the tests are coroutines, run by anyio's pytest plugin on asyncio
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
+pytestmark = pytest.mark.anyio  # the tests are coroutines, run by anyio's pytest plugin on asyncio (conftest)
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +30,8 @@ def _fp32(monkeypatch):
 
 
 @pytest.fixture
-def runs_dir(tmp_path, fixture_dir):
-    from mlxchat.common import get_base_dir
-    shutil.copytree(os.path.join(fixture_dir, "tokenizer"), os.path.join(get_base_dir(), "tokenizer"))
-    return str(tmp_path / "runs")
+def runs_dir(tmp_path, base):
+    return str(tmp_path / "runs")  # the base dir has the parity fixture's tokenizer (conftest's `base`)
 
 
 async def wait_until(pilot, predicate, timeout=60.0, what="condition"):

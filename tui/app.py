@@ -269,9 +269,7 @@ class MlxchatApp(App):
         from dataclasses import fields
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in state.config.items() if k in names}
-        values.update(resume_from_step=-2, checkpoint_dir=run_dir)
-        if values.get("train_tokenizer"):
-            values["train_tokenizer"] = values["train_tokenizer"]  # the run reuses <run>/tokenizer on resume
+        values.update(resume_from_step=-2, checkpoint_dir=run_dir)  # a run that trained its tokenizer reuses it
         try:
             config = cls(**values)
             config.validate()

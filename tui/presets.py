@@ -5,11 +5,12 @@ form's values into a library config, plus the equivalent command line.
 A preset only sets fields; everything else keeps the library's defaults, which are nanochat's.
 """
 from dataclasses import MISSING, fields
-from typing import Union, get_args, get_origin
+from typing import get_args
 
 from mlxchat.pretrain import BaseTrainConfig
 from mlxchat.rl import RLConfig
 from mlxchat.sft import SFTConfig
+from mlxchat.training import field_type
 
 STAGES = {  # stage -> (config class, script, what the pane calls it)
     "base": (BaseTrainConfig, "scripts.base_train", "Pretrain"),
@@ -40,14 +41,11 @@ def field_info(stage):
 
 
 def parser_for(f):
-    """str -> value for one config field, from its type (the form holds text)."""
-    if "parse" in f.metadata:
-        return f.metadata["parse"]
-    kind, optional = f.type, False
-    if get_origin(kind) is Union:
-        args = [a for a in get_args(kind) if a is not type(None)]
-        optional = len(args) < len(get_args(kind))
-        kind = args[0]
+    """str -> value for one config field (the form holds text): the flag's own conversion
+    (mlxchat.training.field_type), with an empty field meaning None where the field may be None, and
+    the reason in words when the text is not a number."""
+    kind = field_type(f)
+    optional = type(None) in get_args(f.type)
 
     def parse(text):
         text = str(text).strip()
@@ -55,19 +53,12 @@ def parser_for(f):
             if optional:
                 return None
             raise ValueError("a value is required")
-        if kind is bool:
-            return text.lower() in ("1", "true", "yes", "on")
-        if kind is int:
-            try:
-                return int(text)
-            except ValueError:
-                raise ValueError(f"must be a whole number, got {text!r}") from None
-        if kind is float:
-            try:
-                return float(text)
-            except ValueError:
-                raise ValueError(f"must be a number, got {text!r}") from None
-        return text
+        try:
+            return kind(text)
+        except ValueError:
+            if kind in (int, float):
+                raise ValueError(f"must be {'a whole number' if kind is int else 'a number'}, got {text!r}") from None
+            raise  # a field's own parse function says why
     return parse
 
 

@@ -13,10 +13,13 @@ import os
 import queue
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Optional
 
 from textual.message import Message
+
+from mlxchat.training import event_lines
 
 # events that change what the run is doing: shown at once; the rest (steps, logs) ride in batches
 URGENT = {"started", "phase", "saved", "ack", "eval", "samples", "notice", "finished"}
@@ -148,19 +151,17 @@ class TrainingWorker:
                     job.run_dir = event.run_dir
                     log = _RunLog(event.run_dir, record)
                 if log is not None:
-                    log.write(record)
+                    log.write(event)
                 batch.append(record)
                 now = time.monotonic()
                 if event.kind in URGENT or now - last_post >= self.interval:
                     self.target.post_message(TrainingEvents(job.run_id, batch))
                     batch, last_post = [], now
         except TrainingError:
-            pass  # its Finished(failed) event was already posted with the message
-        except Exception as e:  # noqa: BLE001  (a bug: the run is failed, the app goes on)
-            failed = {"event": "finished", "status": "failed", "step": getattr(run, "step", 0), "summary": {},
-                      "error": f"{type(e).__name__}: {e}", "time": round(time.time(), 3)}
-            if not batch or batch[-1].get("event") != "finished":
-                batch.append(failed)
+            pass  # the run already sent its Finished(failed) event, with the message
+        except Exception:  # noqa: BLE001  (a bug: Finished(failed) was sent too; the traceback goes to train.log)
+            if log is not None:
+                log.text(traceback.format_exc())
         finally:
             if batch:
                 self.target.post_message(TrainingEvents(job.run_id, batch))
@@ -179,40 +180,24 @@ class _RunLog:
         atomic_write_text(os.path.join(run_dir, "config.json"), json.dumps(config, indent=2, default=str) + "\n")
         self._f = open(os.path.join(run_dir, "train.log"), "a", encoding="utf-8")
 
-    def write(self, record):
-        line = log_line(record)
-        if line:
-            self._f.write(time.strftime("%H:%M:%S ", time.localtime(record.get("time", time.time()))) + line + "\n")
-            self._f.flush()
+    def write(self, event):
+        for line in event_lines(event) or own_lines(event):
+            self.text(line)
+
+    def text(self, text):
+        self._f.write(time.strftime("%H:%M:%S ") + text + "\n")
+        self._f.flush()
 
     def close(self):
         self._f.close()
 
 
-def log_line(record):
-    """One line of train.log for an event record, or None for the ones not worth a line."""
-    kind = record.get("event")
-    if kind == "log":
-        return record["text"]
-    if kind == "notice":
-        return f"[{record.get('level', 'warning')}] {record['text']}"
-    if kind == "step":
-        total = record.get("total")
-        return (f"step {record['step']:05d}{f'/{total:05d}' if total else ''} | loss {record['loss']:.6f} "
-                f"| lrm {record['lrm']:.2f} | dt {record['dt'] * 1000:.0f}ms | tok/sec {record['tok_per_sec']:,.0f}")
-    if kind == "eval":
-        return f"step {record['step']:05d} | " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                          for k, v in record["metrics"].items())
-    if kind == "saved":
-        return f"saved checkpoint step {record['step']} to {record['path']}"
-    if kind == "ack":
-        return f"{record['command']} at step {record['step']}"
-    if kind == "phase":
-        return f"-- {record['name']}"
-    if kind == "started":
-        return f"started {record['stage']} run: {record['num_params']:,} parameters, {record['total_steps']} steps"
-    if kind == "finished":
-        return f"finished: {record['status']} at step {record['step']}" + (f": {record['error']}" if record.get("error") else "")
-    if kind == "samples":
-        return "\n".join(f"  {p!r} -> {c!r}" for p, c in record["samples"])
-    return None
+def own_lines(event):
+    """train.log's lines for the events the scripts show their own way (event_lines has the others)."""
+    if event.kind == "phase":
+        return [f"-- {event.name}"]
+    if event.kind == "started":
+        return [f"started {event.stage} run: {event.num_params:,} parameters, {event.total_steps} steps"]
+    if event.kind == "finished":
+        return [f"finished: {event.status} at step {event.step}" + (f": {event.error}" if event.error else "")]
+    return []
