@@ -5,9 +5,10 @@ What the dashboard costs, measured (a benchmark, not a test):
    scripts.base_train <flags>` and `mlxchat-tui --preset P --set ... --start` in a real terminal (tmux),
    alternated A B A B so that drift of the machine hits both alike; tok/s from each run's own
    metrics.jsonl (the median step time, after the first steps);
-2. the dashboard's input-to-screen latency while it trains: a key press (switching panes with 1 and 2)
-   sent with `tmux send-keys`, until `tmux capture-pane` shows the other pane (the polling's own few
-   milliseconds are included, so the figure is an upper bound);
+2. the dashboard's input-to-screen latency while it trains, in a dashboard run of its own after the
+   speed runs (each redraw is work that must not count against them): a key press (switching panes
+   with 1 and 2) sent with `tmux send-keys`, until `tmux capture-pane` shows the other pane (the
+   polling's own few milliseconds are included, so the figure is an upper bound);
 3. chat reply speed with and without training running in the same process: the dashboard's chat
    thread (tui/chat_worker.py) replying from the run's checkpoint while a training thread runs, and
    while it does not.
@@ -62,8 +63,9 @@ def run_script(flags, run_dir, env):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def run_dashboard(preset, sets, runs_dir, name, env, presses=0, size=(120, 40)):
-    """Train in mlxchat-tui under tmux; while it trains, measure key-to-screen latencies. Returns them (s)."""
+def run_dashboard(preset, sets, runs_dir, name, env, presses=0, size=(120, 40), stop_after_presses=False):
+    """Train in mlxchat-tui under tmux; while it trains, measure key-to-screen latencies. Returns them (s).
+    stop_after_presses: then quit (the run stops with a checkpoint) instead of waiting for its end."""
     session = f"bench-tui-{uuid.uuid4().hex[:6]}"
     done = os.path.join(runs_dir, f".{name}.exit")
     args = " ".join(f"--set {k}={v}" for k, v in {**sets, "run_name": name}.items())
@@ -87,6 +89,10 @@ def run_dashboard(preset, sets, runs_dir, name, env, presses=0, size=(120, 40)):
             latencies.append(time.perf_counter() - t0)
             on_monitor = not on_monitor
             time.sleep(0.05)
+        if stop_after_presses:
+            for key in ("q", "y"):  # quit, confirmed: the run stops with a checkpoint and the app exits
+                subprocess.run(["tmux", "send-keys", "-t", session, key], check=True)
+                time.sleep(0.5)
         deadline = time.time() + 1800
         while not os.path.exists(done) and time.time() < deadline:
             state = read_metrics(os.path.join(runs_dir, name, "metrics.jsonl"))
@@ -204,7 +210,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=60, help="optimizer steps per run")
     p.add_argument("--skip", type=int, default=10, help="first steps left out of the speed (compilation, warm-up)")
     p.add_argument("--repeats", type=int, default=2, help="runs per side, alternated")
-    p.add_argument("--presses", type=int, default=100, help="key presses timed during the first dashboard run")
+    p.add_argument("--presses", type=int, default=100, help="key presses timed while the dashboard trains (in a run "
+                   "of their own, after the speed runs)")
     p.add_argument("--chat-tokens", type=int, default=128, help="tokens per chat reply")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="change the preset for both sides, e.g. --set depth=8 --set max_seq_len=1024 (a GPU needs a larger "
@@ -261,7 +268,7 @@ def main(argv=None):
             os.environ["MLXCHAT_BASE_DIR"] = env["MLXCHAT_BASE_DIR"]
             run_dashboard_headless(args.preset, sets, runs_dir, f"r{i}")
         else:
-            latencies += run_dashboard(args.preset, sets, runs_dir, f"r{i}", env, presses=args.presses if i == 0 else 0)
+            run_dashboard(args.preset, sets, runs_dir, f"r{i}", env)
         dts, _ = step_times(os.path.join(runs_dir, f"r{i}"), args.skip)
         tui_tps.append(tokens_per_step(os.path.join(runs_dir, f"r{i}")) / statistics.median(dts))
         print(f"  dashboard run {i + 1}: {tui_tps[-1]:,.0f} tok/s (median step {statistics.median(dts) * 1000:.1f} ms)", flush=True)
@@ -272,6 +279,10 @@ def main(argv=None):
             thread_tps.append(tokens_per_step(run_dir) / statistics.median(dts))
             print(f"  thread    run {i + 1}: {thread_tps[-1]:,.0f} tok/s (median step {statistics.median(dts) * 1000:.1f} ms)",
                   flush=True)
+    if not args.headless and args.presses:
+        # a run of its own: each key press redraws a pane, work that the speed runs above must not include
+        latencies = run_dashboard(args.preset, {**sets, "num_iterations": 100_000}, os.path.join(work, "tui"), "keys", env,
+                                  presses=args.presses, stop_after_presses=True)
     s, t = statistics.median(script_tps), statistics.median(tui_tps)
     print(f"\ntraining: script {s:,.0f} tok/s, dashboard {t:,.0f} tok/s: the dashboard costs {100 * (s - t) / s:+.1f}% "
           f"(runs: script {', '.join(f'{x:,.0f}' for x in script_tps)}; dashboard {', '.join(f'{x:,.0f}' for x in tui_tps)})")

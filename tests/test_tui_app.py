@@ -6,8 +6,10 @@ during a run (a checkpoint is left), a failing run shown as failed while the app
 training thread's messages being batched (a few per second, not one per step).
 """
 import asyncio
+import gc
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -50,6 +52,11 @@ def fill(app, **values):
     for name, value in values.items():
         pane.query_one(f"#base-{name}").value = value
     return pane
+
+
+def footer_keys(app):
+    """The keys the footer shows now."""
+    return {key.key for key in app.query("FooterKey")}
 
 
 def screen_text(app):
@@ -97,6 +104,27 @@ async def test_panes_keys_and_help(make_app):
         assert not app.check_action("stop", ())
 
 
+async def test_the_footer_is_not_rebuilt_when_its_keys_stay_the_same(make_app):
+    """A pane switch moves the focus, and Textual's Footer rebuilds its keys at every focus change:
+    KeyFooter keeps its key widgets while the keys on offer are the same."""
+    gc.unfreeze()
+    app = make_app(preset="demo")
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause(0.3)
+        # the screen's long-lived objects were moved out of the collector's full scans once it was up
+        assert gc.get_freeze_count() > 1000
+        before = list(app.query("FooterKey"))
+        assert {key.key for key in before} >= {"r", "q"}
+        for pane in "2121":
+            await pilot.press(pane)
+            await pilot.pause(0.1)
+        assert list(app.query("FooterKey")) == before  # the same widgets: nothing was unmounted and remounted
+        # a change of keys is still shown: in the Chat pane its keys (Ctrl-L, a new chat) join the footer
+        await pilot.press("3")
+        await pilot.pause(0.2)
+        assert "ctrl+l" in {key.key for key in app.query("FooterKey")}
+
+
 async def test_configure_refuses_bad_values_inline_and_presets_fill_it(make_app, runs_dir):
     app = make_app(preset="demo")
     async with app.run_test(size=(120, 40)) as pilot:
@@ -136,10 +164,16 @@ async def test_train_pause_save_stop_resume_and_quit_from_keys(make_app, runs_di
     async with app.run_test(size=(120, 40), message_hook=lambda m: batches.append(m) if isinstance(m, TrainingEvents) else None) as pilot:
         fill(app, **TINY, num_iterations="100000", run_name="keys")
         await pilot.pause(0.1)
+        assert "r" in footer_keys(app) and not {"space", "s", "x"} & footer_keys(app)
         await pilot.press("r")
         tabs = app.query_one("#panes")
         assert tabs.active == "monitor"
         await wait_until(pilot, lambda: app.state.step >= 5, what="the monitor to advance")
+        # the footer follows what applies: the steering keys while a run is active, no start
+        await wait_until(pilot, lambda: {"space", "s", "x"} <= footer_keys(app) and "r" not in footer_keys(app),
+                         what="the footer to offer pause / save / stop")
+        if sys.platform.startswith("linux"):  # the training thread yields the cores to the screen
+            assert os.getpriority(os.PRIO_PROCESS, app.worker.thread.native_id) == 10
         assert "step" in screen_text(app) and "keys" in screen_text(app)
         # space pauses at a step boundary: the step counter stops
         await pilot.press("space")
@@ -161,6 +195,8 @@ async def test_train_pause_save_stop_resume_and_quit_from_keys(make_app, runs_di
         await pilot.press("x", "y")
         await wait_until(pilot, lambda: not app.active, what="stopped")
         assert app.state.state == "stopped"
+        await wait_until(pilot, lambda: "r" in footer_keys(app) and "space" not in footer_keys(app),
+                         what="the footer to offer start again")
         stopped_at = app.state.step
         assert stopped_at in find_steps(run_dir)
         # steps arrive in batches: far fewer messages than steps

@@ -11,7 +11,7 @@ from typing import Optional
 
 from rich.text import Text
 from textual.app import ComposeResult
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Grid, Horizontal, Vertical, VerticalScroll
 from textual.widgets import Input, Label, Select, Static
 
 from mlxchat.runs import list_checkpoints, new_run_name
@@ -85,7 +85,7 @@ class ConfigurePane(Vertical):
         with Horizontal(id="cfg-body"):
             with VerticalScroll(id="cfg-form"):
                 for stage, names in FORM.items():
-                    with Vertical(id=f"form-{stage}", classes="cfg-stageform"):
+                    with Grid(id=f"form-{stage}", classes="cfg-stageform"):
                         info = field_info(stage)
                         for name in names:
                             yield from self._row(stage, name, info)
@@ -98,42 +98,46 @@ class ConfigurePane(Vertical):
                 yield Static(id="cfg-command")
 
     def _row(self, stage, name, info):
-        """One line per setting (label, value); the focused setting's help shows in the side panel, and a
-        problem shows under its line."""
+        """One line per setting (label, value) in the form's two-column grid; the focused setting's help
+        shows in the side panel, and a problem shows under its line. No container per row: a pane switch
+        re-renders every visible widget (~0.2 ms each), so the form keeps to two widgets a line."""
         row_id = f"{stage}-{name}"
         self._help[row_id] = info[name][1].replace("%%", "%") if name in info else ROW_HELP.get(name, "")
-        with Horizontal(classes="cfg-row", id=f"row-{row_id}"):
-            yield Label(name.replace("_", " ").replace(" dir", ""), classes="cfg-label")
-            if name == "run_name":
-                yield Input(placeholder="(a new name)", id=row_id, compact=True)
-            elif name == "data":
-                yield Select([("demo corpus (bundled)", "demo"), ("ClimbMix shards", "climbmix"),
-                              ("a folder of my own text", "folder")], value="demo", allow_blank=False, id=row_id,
-                             compact=True)
-            elif name == "tokenizer":
-                yield Select([("train one on the data", "train"), ("the base dir's", "base"),
-                              ("a tokenizer folder", "folder")], value="train", allow_blank=False, id=row_id, compact=True)
-            elif name in CHECKPOINT_FIELDS:
-                yield Select([], prompt="(choose a checkpoint)", id=row_id, compact=True)
-            elif name == "task":
-                choices = next(f for f in fields(STAGES[stage][0]) if f.name == name).metadata.get("choices", ())
-                yield Select([(c, c) for c in choices], value=info[name][0], allow_blank=False, id=row_id, compact=True)
-            else:
-                yield Input(value=format_value(info[name][0]), id=row_id, compact=True)
+        yield Label(name.replace("_", " ").replace(" dir", ""), classes="cfg-label")
+        if name == "run_name":
+            yield Input(placeholder="(a new name)", id=row_id, compact=True)
+        elif name == "data":
+            yield Select([("demo corpus (bundled)", "demo"), ("ClimbMix shards", "climbmix"),
+                          ("a folder of my own text", "folder")], value="demo", allow_blank=False, id=row_id,
+                         compact=True)
+        elif name == "tokenizer":
+            yield Select([("train one on the data", "train"), ("the base dir's", "base"),
+                          ("a tokenizer folder", "folder")], value="train", allow_blank=False, id=row_id, compact=True)
+        elif name in CHECKPOINT_FIELDS:
+            yield Select([], prompt="(choose a checkpoint)", id=row_id, compact=True)
+        elif name == "task":
+            choices = next(f for f in fields(STAGES[stage][0]) if f.name == name).metadata.get("choices", ())
+            yield Select([(c, c) for c in choices], value=info[name][0], allow_blank=False, id=row_id, compact=True)
+        else:
+            yield Input(value=format_value(info[name][0]), id=row_id, compact=True)
         if name == "data":
-            with Horizontal(classes="cfg-row cfg-sub", id=f"row-{row_id}-folder"):
-                yield Label("  folder", classes="cfg-label")
-                yield Input(placeholder=".parquet shards, or .txt/.md/.jsonl", id=f"{row_id}-folder", compact=True)
+            yield from self._sub_row(f"{row_id}-folder", "folder",
+                                     Input(placeholder=".parquet shards, or .txt/.md/.jsonl", id=f"{row_id}-folder",
+                                           compact=True))
             self._help[f"{row_id}-folder"] = ROW_HELP["data"]
         if name == "tokenizer":
-            with Horizontal(classes="cfg-row cfg-sub", id=f"row-{row_id}-vocab"):
-                yield Label("  vocab size", classes="cfg-label")
-                yield Input(value="4096", id=f"{row_id}-vocab", compact=True)
-            with Horizontal(classes="cfg-row cfg-sub", id=f"row-{row_id}-folder"):
-                yield Label("  folder", classes="cfg-label")
-                yield Input(placeholder="folder with tokenizer.pkl", id=f"{row_id}-folder", compact=True)
+            yield from self._sub_row(f"{row_id}-vocab", "vocab size", Input(value="4096", id=f"{row_id}-vocab", compact=True))
+            yield from self._sub_row(f"{row_id}-folder", "folder",
+                                     Input(placeholder="folder with tokenizer.pkl", id=f"{row_id}-folder", compact=True))
             self._help[f"{row_id}-vocab"] = self._help[f"{row_id}-folder"] = ROW_HELP["tokenizer"]
         yield Static("", classes="cfg-error", id=f"err-{row_id}")
+
+    @staticmethod
+    def _sub_row(widget_id, label, widget):
+        """A line that shows only for some choices of the line above (its label is #row-<widget id>)."""
+        yield Label("  " + label, classes="cfg-label cfg-sub", id=f"row-{widget_id}")
+        widget.add_class("cfg-sub")
+        yield widget
 
     def on_mount(self):
         self.refresh_checkpoints()
@@ -235,10 +239,11 @@ class ConfigurePane(Vertical):
 
     def _show_sub_rows(self):
         data = self._value("base", "data")
-        self.query_one("#row-base-data-folder").display = data == "folder"
         tok = self._value("base", "tokenizer")
-        self.query_one("#row-base-tokenizer-vocab").display = tok == "train"
-        self.query_one("#row-base-tokenizer-folder").display = tok == "folder"
+        for widget_id, shown in (("base-data-folder", data == "folder"), ("base-tokenizer-vocab", tok == "train"),
+                                 ("base-tokenizer-folder", tok == "folder")):
+            self.query_one(f"#row-{widget_id}").display = shown  # the label
+            self.query_one(f"#{widget_id}").display = shown
 
     # -- the form -> a config
 
