@@ -186,7 +186,6 @@ class MlxchatApp(App):
             self.call_after_refresh(self.action_start)
         self.call_after_refresh(freeze_gc)
 
-
     def on_unmount(self):
         # the screen is gone: an active run is told to stop (it saves first); main() waits for the thread
         if self.control is not None:
