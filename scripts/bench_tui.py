@@ -63,9 +63,9 @@ def run_script(flags, run_dir, env):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def run_dashboard(preset, sets, runs_dir, name, env, presses=0, size=(120, 40), stop_after_presses=False):
-    """Train in mlxchat-tui under tmux; while it trains, measure key-to-screen latencies. Returns them (s).
-    stop_after_presses: then quit (the run stops with a checkpoint) instead of waiting for its end."""
+def run_dashboard(preset, sets, runs_dir, name, env, presses=0, size=(120, 40)):
+    """Train in mlxchat-tui under tmux. With presses: time that many key presses while it trains, then
+    quit (the run stops with a checkpoint) and return the latencies (s); without: wait for the run's end."""
     session = f"bench-tui-{uuid.uuid4().hex[:6]}"
     done = os.path.join(runs_dir, f".{name}.exit")
     args = " ".join(f"--set {k}={v}" for k, v in {**sets, "run_name": name}.items())
@@ -89,7 +89,7 @@ def run_dashboard(preset, sets, runs_dir, name, env, presses=0, size=(120, 40), 
             latencies.append(time.perf_counter() - t0)
             on_monitor = not on_monitor
             time.sleep(0.05)
-        if stop_after_presses:
+        if presses:
             for key in ("q", "y"):  # quit, confirmed: the run stops with a checkpoint and the app exits
                 subprocess.run(["tmux", "send-keys", "-t", session, key], check=True)
                 time.sleep(0.5)
@@ -282,7 +282,7 @@ def main(argv=None):
     if not args.headless and args.presses:
         # a run of its own: each key press redraws a pane, work that the speed runs above must not include
         latencies = run_dashboard(args.preset, {**sets, "num_iterations": 100_000}, os.path.join(work, "tui"), "keys", env,
-                                  presses=args.presses, stop_after_presses=True)
+                                  presses=args.presses)
     s, t = statistics.median(script_tps), statistics.median(tui_tps)
     print(f"\ntraining: script {s:,.0f} tok/s, dashboard {t:,.0f} tok/s: the dashboard costs {100 * (s - t) / s:+.1f}% "
           f"(runs: script {', '.join(f'{x:,.0f}' for x in script_tps)}; dashboard {', '.join(f'{x:,.0f}' for x in tui_tps)})")

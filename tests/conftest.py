@@ -5,7 +5,9 @@ Outside CI a missing fixture skips the parity tests with a reason; in CI (CI=tru
 """
 import json
 import os
+import random
 import shutil
+import socket
 
 # fp32 parity tolerances assume true fp32 matmuls; MLX's CUDA backend uses TF32 by default
 # (training keeps that default, as nanochat keeps torch's "high" matmul precision)
@@ -19,6 +21,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARITY_DIR = os.environ.get("MLXCHAT_PARITY_DIR") or os.path.join(ROOT, "..", "shared", "parity")
 FIXTURE_A = os.path.join(PARITY_DIR, "fixture-a")
 IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def free_port_pair():
+    """A base port p with p and p+1 free on 127.0.0.1 (MLX's ring backend listens on one port per rank)."""
+    for _ in range(100):
+        p = random.randint(20000, 60000)
+        socks = []
+        try:
+            for q in (p, p + 1):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", q))
+            return p
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port pair")
 
 
 def pytest_sessionstart(session):

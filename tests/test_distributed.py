@@ -14,7 +14,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 from mlxchat.checkpoint_manager import find_steps, load_checkpoint
+from conftest import free_port_pair
 from scripts import base_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,24 +72,6 @@ np.savez(f"{out_dir}/weights_rank{r}.npz", **{k: np.array(v) for k, v in trainer
 '''
 
 
-def _free_port_pair():
-    """A base port p with p and p+1 free on 127.0.0.1 (the ring listens on one port per rank)."""
-    for _ in range(100):
-        p = random.randint(20000, 60000)
-        socks = []
-        try:
-            for q in (p, p + 1):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", q))
-            return p
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port pair")
-
 
 def _env(base):
     env = dict(os.environ, MLXCHAT_BASE_DIR=base, MLXCHAT_DTYPE="float32", PYTHONUNBUFFERED="1")
@@ -111,7 +93,7 @@ def _launch_2(base, out_dir, args, timeout=240, script="base_train", rank1_base=
     runner = os.path.join(out_dir, "runner.py")
     with open(runner, "w") as f:
         f.write(RUNNER)
-    cmd = [MLX_LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--",
+    cmd = [MLX_LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()), "--",
            sys.executable, runner, out_dir, script, rank1_base] + args
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(base), capture_output=True, text=True, timeout=timeout)
     # mlx.launch exits 0 even when a rank fails: it only warns "Node with rank r exited with code c"
@@ -266,7 +248,7 @@ def test_collective_helpers(tmp_path):
     dtypes), broadcasts, the drift check, and check_same_on_all_ranks stopping every rank."""
     script = tmp_path / "helpers.py"
     script.write_text(HELPERS)
-    cmd = [MLX_LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--", sys.executable, str(script)]
+    cmd = [MLX_LAUNCH, "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()), "--", sys.executable, str(script)]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(str(tmp_path / "base")), capture_output=True, text=True, timeout=120)
     out = proc.stdout + proc.stderr
     assert "rank 0: helpers ok" in out and "rank 1: helpers ok" in out, out[-3000:]
@@ -299,7 +281,7 @@ def _wait_for(proc, text, timeout):
 
 
 def _hostfile(tmp_path):
-    port = _free_port_pair()
+    port = free_port_pair()
     path = str(tmp_path / "hosts.json")
     with open(path, "w") as f:
         json.dump([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]], f)

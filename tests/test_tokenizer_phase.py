@@ -7,9 +7,7 @@ in the constructor with the folder named.
 """
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -20,6 +18,7 @@ from mlxchat.common import get_base_dir
 from mlxchat.pretrain import BaseTrainConfig, BaseTrainRun
 from mlxchat.tokenizer import RustBPETokenizer, load_token_bytes, save_tokenizer, train_tokenizer
 from mlxchat.training import ConfigError, TrainingError, read_metrics
+from conftest import free_port_pair
 from scripts import base_train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,23 +186,6 @@ with open(os.path.join(out_dir, f"rank{result['rank']}.json"), "w") as f:
 '''
 
 
-def _free_port_pair():
-    for _ in range(100):
-        p = random.randint(20000, 60000)
-        socks = []
-        try:
-            for q in (p, p + 1):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", q))
-            return p
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port pair")
-
 
 def test_two_ranks_train_the_tokenizer_once_on_rank_0(tmp_path):
     base0, base1, out = (str(tmp_path / d) for d in ("rank0", "rank1", "out"))
@@ -218,7 +200,7 @@ def test_two_ranks_train_the_tokenizer_once_on_rank_0(tmp_path):
             "--dist-timeout", "60"]
     env = dict(os.environ, MLXCHAT_BASE_DIR=base0, MLXCHAT_DTYPE="float32", PYTHONUNBUFFERED="1")
     launch = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
-    proc = subprocess.run([launch, "-n", "2", "--backend", "ring", "--starting-port", str(_free_port_pair()), "--",
+    proc = subprocess.run([launch, "-n", "2", "--backend", "ring", "--starting-port", str(free_port_pair()), "--",
                            sys.executable, runner, out, base1] + args,
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     # mlx.launch exits 0 even when a rank fails: it only warns "Node with rank r exited with code c"

@@ -8,7 +8,6 @@ through the run's RunControl (pause, resume, save now, stop: each acts at the ne
 """
 import argparse
 import asyncio
-import gc
 import os
 import signal
 import socket
@@ -33,7 +32,7 @@ from tui.panes.configure import ConfigurePane
 from tui.panes.monitor import MonitorPane
 from tui.panes.runs import RunsPane
 from tui.presets import PRESETS, STAGES
-from tui.training_worker import MachineInfo, RunRefused, TrainingEvents, TrainingWorker
+from tui.training_worker import MachineInfo, RunRefused, TrainingEvents, TrainingWorker, freeze_gc
 from tui.widgets import KeyFooter
 
 PANES = ("configure", "monitor", "chat", "runs")
@@ -89,19 +88,6 @@ class HelpScreen(ModalScreen[None]):
 
     def action_dismiss_help(self):
         self.dismiss(None)
-
-
-def freeze_gc():
-    """Move what exists now (the screen's widgets, the imported modules) out of the collector's reach.
-    They live as long as the app, yet each full collection scanned them all: ~130k objects, 70-115 ms with
-    the GIL held, a stall of whatever key was pressed then (measured: the p90 of a pane switch fell from
-    128 to 40 ms). Collected first, so no garbage is kept.
-    Also collect the young generations less often: a redraw allocates thousands of short-lived objects
-    (strips, segments), which made a dozen collections per frame and promoted objects that were about to
-    die; at (20000, 50, 50) the p99 of a pane switch while training fell by 5-15 ms (bench_tui)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 50, 50)
 
 
 class MlxchatApp(App):

@@ -135,8 +135,7 @@ class ConfigurePane(Vertical):
     @staticmethod
     def _sub_row(widget_id, label, widget):
         """A line that shows only for some choices of the line above (its label is #row-<widget id>)."""
-        yield Label("  " + label, classes="cfg-label cfg-sub", id=f"row-{widget_id}")
-        widget.add_class("cfg-sub")
+        yield Label("  " + label, classes="cfg-label", id=f"row-{widget_id}")
         yield widget
 
     def on_mount(self):
