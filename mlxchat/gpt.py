@@ -3,7 +3,7 @@ GPT model, identical in architecture and numerics to nanochat's (reference commi
 
 Notable features (all as nanochat):
 - rotary embeddings (base 100000, half-split layout, nanochat's rotation sign), no positional embeddings
-- QK norm (after rotary), then q and k scaled by 1.2
+- QK norm (after rotary), then q and k scaled by 1.2 (folded into the attention's scale)
 - untied wte / lm_head, no biases, RMSNorm without weights (fp32 epsilon)
 - ReLU^2 MLP, group-query attention, sliding-window attention from a pattern string ("SSSL")
 - value embeddings (ResFormer-style) on alternating layers, with input-dependent gates
@@ -31,6 +31,7 @@ from mlxchat.hardware import gpu_kind
 RMS_EPS = 1.1920929e-07
 SOFTCAP = 15.0
 ROPE_BASE = 100000.0
+QK_GAIN = 1.2  # nanochat multiplies the normed q and k by 1.2 each ("sharper attention")
 VE_GATE_CHANNELS = 12
 SMEAR_CHANNELS = 24
 
@@ -92,21 +93,34 @@ def norm(x):
     return mx.fast.rms_norm(x, None, RMS_EPS)
 
 
-def recompute_backward():
-    """Whether training uses the custom VJPs below, which keep fewer activations for the backward
-    pass (train_norm, rotary_qk_norm, relu_squared_matmul) and compute each weight's (and lambda's)
-    gradient before handing the input gradient on (ordered_matmul, mix_residual), or MLX's autodiff.
-    MLXCHAT_RECOMPUTE=on|off forces it. The rule, from measurements:
-    - CPU (the Metal proxy for memory) and Metal: on. d12, micro-batch 4 x 2048, fp32 on the CPU
-      (`python -m scripts.bench_memory --batch 4 --recompute off|on`): peak 9.93 -> 6.92 GiB.
-    - CUDA: off. A first version (fp32 math in the backward, recomputations that MLX could schedule
-      before the backward reached them, no ordering) made the H100's d12 step slower (127 -> 151 ms)
-      and its peak higher (28.2 -> 32.3 GiB); this version is not yet measured there."""
+RECOMPUTE_PIECES = ("norm", "qk", "mlp", "order")
+
+
+def recompute_backward(piece):
+    """Whether training uses the custom VJP `piece` below, which keeps fewer activations for the
+    backward pass, or MLX's autodiff there:
+    - "norm": train_norm keeps each norm's output instead of its input;
+    - "qk": rotary_qk_norm recomputes the rotation and QK norm (on CUDA the fused kernel of
+      kernels.rotary_norm, whose backward recomputes them anyway, is used instead);
+    - "mlp": relu_squared_matmul recomputes relu(h)^2 instead of keeping it;
+    - "order": each weight's (and lambda's) gradient is computed before the input gradient is
+      handed on (ordered_matmul, mix_residual).
+    MLXCHAT_RECOMPUTE=on|off|<pieces, comma-separated> forces a choice. The rule, from measurements:
+    - CPU (the Metal proxy for memory) and Metal: all of them. d12, micro-batch 4 x 2048, fp32 on the
+      CPU (`python -m scripts.bench_memory --batch 4 --recompute off|on`): peak 9.93 -> 6.92 GiB.
+    - CUDA: "mlp" alone. H200, d12, micro-batch 16 x 2048 (`bench_train`, 2026-12-02): none 282,978
+      tok/s, peak 28.6 GiB; "mlp" 308,858 tok/s, 26.9 GiB (faster: one elementwise pass recomputed,
+      one (B, T, 4C) array fewer written and kept); "norm,mlp,order" 290,066, 26.0 GiB; all 282,366,
+      26.0 GiB (the fused rotary + QK-norm kernel stands in for "qk" there)."""
     choice = os.environ.get("MLXCHAT_RECOMPUTE", "auto").strip().lower() or "auto"
-    assert choice in ("auto", "on", "off"), f"MLXCHAT_RECOMPUTE={choice!r}: expected auto, on or off"
-    if choice != "auto":
+    if choice == "auto":
+        return gpu_kind() != "cuda" or piece == "mlp"
+    if choice in ("on", "off"):
         return choice == "on"
-    return gpu_kind() != "cuda"
+    pieces = {p.strip() for p in choice.split(",")}
+    assert pieces <= set(RECOMPUTE_PIECES), \
+        f"MLXCHAT_RECOMPUTE={choice!r}: expected auto, on, off or some of {', '.join(RECOMPUTE_PIECES)}"
+    return piece in pieces
 
 
 def _rms_norm_backward(y, rstd, g):
@@ -133,7 +147,7 @@ def train_norm(x):
     the output is kept anyway by the matmul that consumes it, so the input (a residual-stream
     array nothing else keeps) can be freed: one (B, T, C) array less per norm in training.
     (The backward then uses the output, as a memory-efficient LayerNorm does.)"""
-    if not recompute_backward():
+    if not recompute_backward("norm"):
         return norm(x)
     return _norm_with_rstd(x)[0]
 
@@ -173,7 +187,7 @@ def attention_mask(t_q, t_k, offset, window, dtype):
 
 @mx.custom_function
 def rotary_qk_norm(qk, cos, sin):
-    """QK norm (per head) of the rotated q and k, then both scaled by 1.2 ("sharper attention").
+    """QK norm (per head) of the rotated q and k (nanochat's 1.2 gain is in the attention's scale).
     The backward recomputes the rotation from qk (kept anyway: it is a view of the QKV projection's
     output) instead of keeping the rotated and the normed arrays: two (B, T, H+Hkv, D) arrays less
     per layer, for one more rotation (a cheap elementwise pass) in the backward."""
@@ -181,7 +195,7 @@ def rotary_qk_norm(qk, cos, sin):
 
 
 def _rotary_qk_norm_plain(qk, cos, sin):
-    return norm(apply_rotary_emb(qk, cos, sin)) * 1.2
+    return norm(apply_rotary_emb(qk, cos, sin))
 
 
 @rotary_qk_norm.vjp
@@ -195,8 +209,23 @@ def _rotary_qk_norm_vjp(primals, cotangent, output):
     return dqk, mx.zeros_like(cos), mx.zeros_like(sin)
 
 
+# compiled on their own so that each is one fused kernel: a custom function's forward is not fused
+# with anything by the compile of the graph around it (measured: a square and a maximum kernel)
+_relu_squared_fused = mx.compile(lambda x: mx.square(mx.maximum(x, 0)))
+_relu_squared_grad = mx.compile(lambda x, g: g * (2 * mx.maximum(x, 0)))  # d/dx relu(x)^2 = 2 relu(x)
+
+
+@mx.custom_function
 def relu_squared(x):
-    return mx.square(mx.maximum(x, 0))
+    """relu(x)^2 whose backward needs x alone: autodiff would also keep relu(x), a (B, T, 4C) array
+    per layer, and compute the square and the relu as two kernels forward."""
+    return _relu_squared_fused(x)
+
+
+@relu_squared.vjp
+def _relu_squared_vjp(x, cotangent, output):
+    # (a custom function of one array gets that array and its cotangent unwrapped)
+    return _relu_squared_grad(x, cotangent)
 
 
 def _weight_grad(cotangent, x):
@@ -217,7 +246,7 @@ def _relu_squared_matmul_vjp(primals, cotangent, output):
     h, w = primals
     h = mx.depends(h, cotangent)  # recompute once the cotangent exists (see rotary_qk_norm)
     dw = _weight_grad(cotangent, relu_squared(h))
-    dh = (cotangent @ w) * (2 * mx.maximum(h, 0))  # d/dh relu(h)^2 = 2 relu(h)
+    dh = _relu_squared_grad(h, cotangent @ w)
     return mx.depends(dh, dw), dw  # w's gradient first (see ordered_matmul)
 
 
@@ -262,10 +291,10 @@ _ordering_forced = [0]
 
 
 def project(x, w):
-    """x @ w.T: ordered_matmul in training graphs when recompute_backward() is on or inside a
+    """x @ w.T: ordered_matmul in training graphs when recompute_backward("order") is on or inside a
     checkpointed block's recomputation; a decode step (one token per row) keeps the plain matmul,
     the fewest graph nodes."""
-    if x.ndim >= 2 and x.shape[-2] > 1 and (_ordering_forced[0] or recompute_backward()):
+    if x.ndim >= 2 and x.shape[-2] > 1 and (_ordering_forced[0] or recompute_backward("order")):
         return ordered_matmul(x, w)
     return x @ w.T
 
@@ -332,9 +361,14 @@ class CausalSelfAttention(nn.Module):
             # (B, 1, heads, D) and (B, heads, 1, D) are the same memory, so the reshapes are free
             qk = mx.fast.rope(qk.reshape(B, H + Hkv, 1, D), D, traditional=False, base=ROPE_BASE, scale=-1.0,
                               offset=kv_cache.get_pos())
-            qk = norm(qk).reshape(B, 1, H + Hkv, D) * 1.2
+            qk = norm(qk).reshape(B, 1, H + Hkv, D)
+        elif kv_cache is not None:
+            qk = _rotary_qk_norm_plain(qk, cos, sin)
+        elif recompute_backward("qk") and kernels.rotary_norm_impl(qk) == "plain":
+            qk = rotary_qk_norm(qk, cos, sin)
         else:
-            qk = (rotary_qk_norm if recompute_backward() else _rotary_qk_norm_plain)(qk, cos, sin)
+            # one fused kernel forward and one backward on CUDA, the plain ops elsewhere (kernels.py)
+            qk = kernels.rotary_norm(qk, cos, sin, _rotary_qk_norm_plain)
         # MLX's attention wants (B, heads, T, D)
         qk, v = qk.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         q, k = mx.split(qk, [H], axis=1)
@@ -342,19 +376,23 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             offset = kv_cache.get_pos()
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        # nanochat's 1.2 gain on the normed q and on k is the factor QK_GAIN^2 of the scores, applied
+        # by the attention kernel with its 1/sqrt(D): (1.2 q).(1.2 k) = 1.44 q.k, without an
+        # elementwise pass over q and k forward and backward
+        scale = QK_GAIN ** 2 / math.sqrt(D)
         impl = kernels.attention_impl(B, H, T, D, q.dtype, window) if kv_cache is None else "sdpa"
         if impl == "blockwise":
             # training (and cache-free) forward: a backward that keeps nothing (B, H, T, T) (kernels.py)
-            y = kernels.attention(q, k, v, window)
+            y = kernels.attention(q, k, v, window, scale=scale)
         elif impl == "banded":
-            y = kernels.banded_attention(q, k, v, window)
+            y = kernels.banded_attention(q, k, v, window, scale=scale)
         else:
             # one mask per window size per forward (masks: shared by the layers of this forward)
             masks = {} if masks is None else masks
             key = (window, k.shape[2])
             if key not in masks:
                 masks[key] = attention_mask(T, k.shape[2], offset, window, q.dtype)
-            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(D), mask=masks[key])
+            y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=masks[key])
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)
         return self.c_proj(y)
 
@@ -367,7 +405,7 @@ class MLP(nn.Module):
 
     def __call__(self, x):
         h = self.c_fc(x)
-        if type(self.c_proj) is Linear and recompute_backward():
+        if type(self.c_proj) is Linear and recompute_backward("mlp"):
             return relu_squared_matmul(h, self.c_proj.weight.astype(h.dtype))
         return self.c_proj(relu_squared(h))
 
@@ -393,7 +431,7 @@ def checkpointed_block(block, x, ve, cos, sin, window):
     that MLX leaves for last (see ordered_matmul): every block's recomputed activations then stay
     alive until the end and checkpointing saves nothing (measured on the CPU, d12 B4 T2048: 7.51 GiB
     with and without it). Here the recomputation orders its weight gradients first, on every backend
-    whatever recompute_backward() says, and waits for the block's cotangent before it starts."""
+    whatever recompute_backward("order") says, and waits for the block's cotangent before it starts."""
     names, params = zip(*tree_flatten(block.trainable_parameters()))
     extra = [] if ve is None else [ve]
 
@@ -644,7 +682,7 @@ class GPT(nn.Module):
         # Slices [i:i+1], not [i]: an integer index is a gather kernel (and a scatter in the backward).
         resid_l, x0_l = self.resid_lambdas.astype(x.dtype), self.x0_lambdas.astype(x.dtype)
         for i, block in enumerate(self.transformer["h"]):
-            if kv_cache is None and recompute_backward():
+            if kv_cache is None and recompute_backward("order"):
                 x = mix_residual(x, x0, resid_l[i:i + 1], x0_l[i:i + 1])
             else:
                 x = resid_l[i:i + 1] * x + x0_l[i:i + 1] * x0

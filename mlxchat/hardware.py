@@ -49,7 +49,7 @@ def device_memory_bytes():
 
 class memory_cap:
     """`with memory_cap(limit_gib):` caps MLX's active memory at limit_gib GiB inside the block (None:
-    MLX's own default) and puts the previous limit back after it.
+    no cap of its own) and puts the limit that MLX had on entry back after it.
 
     Why a training loop wants it: MLX allocates an op's outputs when the op is queued and frees a
     buffer only once the last op reading it has run, and the host queues ops far ahead of the device.
@@ -66,8 +66,11 @@ class memory_cap:
         self.previous = None
 
     def __enter__(self):
+        # MLX's limit on entry is put back on exit, also without a cap of our own: a Trainer with
+        # auto_memory_limit sets one inside the block
+        self.previous = mx.get_memory_limit()
         if self.limit is not None:
-            self.previous = mx.set_memory_limit(self.limit)
+            mx.set_memory_limit(self.limit)
             mx.reset_peak_memory()
         return self
 

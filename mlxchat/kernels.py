@@ -149,6 +149,133 @@ def linear_cross_entropy(x, w, targets, softcap, vocab_size=None, chunk_rows=Non
 
 
 # ----------------------------------------------------------------------------------------------
+# rotary embedding + QK norm in one kernel (CUDA)
+
+# One warp per row (one head of one token): the row's two halves are rotated by -theta (nanochat's
+# sign: y1 = x1 cos + x2 sin, y2 = x2 cos - x1 sin), rounded to the storage dtype as the reference's
+# rotary output is, then RMS-normalised in fp32 (eps = float32's epsilon, as F.rms_norm). x is read
+# through its strides (a view of the QKV projection's output: no copy), the output is contiguous
+# (B, T, heads, D). cos and sin are the model's (1, T, 1, D/2) tables.
+_ROTARY_NORM_ROW = """
+    constexpr int HALF = HEAD_DIM / 2;
+    constexpr int PER = HALF / 32;
+    const long rows = (long)x_shape[0] * x_shape[1] * x_shape[2];
+    const long row = (long)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const long h = row % x_shape[2];
+    const long t = (row / x_shape[2]) % x_shape[1];
+    const long b = row / ((long)x_shape[2] * x_shape[1]);
+    const DT* xr = x + b * x_strides[0] + t * x_strides[1] + h * x_strides[2];
+    const DT* cr = cs + t * cs_strides[1];
+    const DT* sr = sn + t * sn_strides[1];
+    float c[PER], s[PER], y1[PER], y2[PER];
+    float ss = 0.f;
+    for (int j = 0; j < PER; j++) {
+        const int i = lane + 32 * j;
+        const float a = static_cast<float>(xr[i]), bb = static_cast<float>(xr[i + HALF]);
+        c[j] = static_cast<float>(cr[i]);
+        s[j] = static_cast<float>(sr[i]);
+        y1[j] = static_cast<float>(static_cast<DT>(a * c[j] + bb * s[j]));
+        y2[j] = static_cast<float>(static_cast<DT>(bb * c[j] - a * s[j]));
+        ss += y1[j] * y1[j] + y2[j] * y2[j];
+    }
+    for (int o = 16; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffff, ss, o);
+    const float rstd = rsqrtf(ss / HEAD_DIM + 1.1920929e-07f);
+"""
+
+_ROTARY_NORM_FORWARD = _ROTARY_NORM_ROW + """
+    DT* o = out + row * HEAD_DIM;
+    for (int j = 0; j < PER; j++) {
+        const int i = lane + 32 * j;
+        o[i] = static_cast<DT>(y1[j] * rstd);
+        o[i + HALF] = static_cast<DT>(y2[j] * rstd);
+    }
+"""
+
+# The backward recomputes the row's forward from x, then: n = y rstd, dy = rstd (g - n mean(g n)),
+# and the transposed rotation dx1 = dy1 cos - dy2 sin, dx2 = dy1 sin + dy2 cos.
+_ROTARY_NORM_BACKWARD = _ROTARY_NORM_ROW + """
+    const DT* gr = g + b * g_strides[0] + t * g_strides[1] + h * g_strides[2];
+    float g1[PER], g2[PER];
+    float gn = 0.f;
+    for (int j = 0; j < PER; j++) {
+        const int i = lane + 32 * j;
+        g1[j] = static_cast<float>(gr[i]);
+        g2[j] = static_cast<float>(gr[i + HALF]);
+        gn += g1[j] * y1[j] + g2[j] * y2[j];
+    }
+    for (int o = 16; o > 0; o >>= 1) gn += __shfl_xor_sync(0xffffffff, gn, o);
+    const float mean_gn = gn * rstd / HEAD_DIM;
+    DT* o = dx + row * HEAD_DIM;
+    for (int j = 0; j < PER; j++) {
+        const int i = lane + 32 * j;
+        const float dy1 = rstd * (g1[j] - y1[j] * rstd * mean_gn);
+        const float dy2 = rstd * (g2[j] - y2[j] * rstd * mean_gn);
+        o[i] = static_cast<DT>(dy1 * c[j] - dy2 * s[j]);
+        o[i + HALF] = static_cast<DT>(dy1 * s[j] + dy2 * c[j]);
+    }
+"""
+
+ROWS_PER_BLOCK = 8
+
+
+def rotary_norm_impl(qk):
+    """'cuda' (one fused kernel forward, one backward) or 'plain' (MLX ops: the rotation, a
+    concatenate, rms_norm and their autodiff backwards). The kernel needs CUDA, a head dimension
+    that is a multiple of 64 (each of a warp's 32 lanes takes whole pairs) and contiguous heads.
+    MLXCHAT_ROTARY_NORM=plain forces the MLX ops (for A/B measurements and the parity test)."""
+    choice = os.environ.get("MLXCHAT_ROTARY_NORM", "auto").strip().lower() or "auto"
+    assert choice in ("auto", "cuda", "plain"), f"MLXCHAT_ROTARY_NORM={choice!r}: expected auto, cuda or plain"
+    D = qk.shape[-1]
+    if choice == "plain" or gpu_kind() != "cuda" or qk.ndim != 4 or D % 64 or D > 512:
+        return "plain"
+    return "cuda"
+
+
+@lru_cache(maxsize=None)
+def _rotary_norm_kernels():
+    forward = mx.fast.cuda_kernel(name="mlxchat_rotary_norm_fwd", input_names=["x", "cs", "sn"],
+                                  output_names=["out"], source=_ROTARY_NORM_FORWARD, ensure_row_contiguous=False)
+    backward = mx.fast.cuda_kernel(name="mlxchat_rotary_norm_bwd", input_names=["x", "g", "cs", "sn"],
+                                   output_names=["dx"], source=_ROTARY_NORM_BACKWARD, ensure_row_contiguous=False)
+    return forward, backward
+
+
+def _rotary_norm_launch(kernel, inputs, x):
+    B, T, H, D = x.shape
+    rows = B * T * H
+    return kernel(inputs=inputs, template=[("DT", x.dtype), ("HEAD_DIM", D)],
+                  grid=(rows * 32, 1, 1), threadgroup=(32 * ROWS_PER_BLOCK, 1, 1),
+                  output_shapes=[x.shape], output_dtypes=[x.dtype])[0]
+
+
+@mx.custom_function
+def _rotary_norm_cuda(x, cos, sin):
+    forward, _ = _rotary_norm_kernels()
+    return _rotary_norm_launch(forward, [x, cos.astype(x.dtype), sin.astype(x.dtype)], x)
+
+
+@_rotary_norm_cuda.vjp
+def _rotary_norm_cuda_vjp(primals, cotangent, output):
+    x, cos, sin = primals
+    _, backward = _rotary_norm_kernels()
+    dx = _rotary_norm_launch(backward, [x, cotangent, cos.astype(x.dtype), sin.astype(x.dtype)], x)
+    return dx, mx.zeros_like(cos), mx.zeros_like(sin)
+
+
+def rotary_norm(qk, cos, sin, plain):
+    """norm(rotary(qk)) for a cache-free forward: qk (B, T, heads, D) (a view is fine), cos and sin
+    the (1, T, 1, D/2) tables; plain(qk, cos, sin) is the same in MLX ops (the fallback, and the
+    definition the kernel is tested against). On CUDA one kernel forward and one backward replace
+    the rotation's elementwise kernels, its concatenate, the norm and their backwards (d12 profile:
+    ~5 kernels and ~0.7 ms per layer)."""
+    if rotary_norm_impl(qk) == "plain":
+        return plain(qk, cos, sin)
+    return _rotary_norm_cuda(qk, cos, sin)
+
+
+# ----------------------------------------------------------------------------------------------
 # causal / sliding-window attention with a blockwise, recomputing backward
 
 # Queries per block in the blockwise passes: 256, halved (down to 64) while one fp32
@@ -221,14 +348,15 @@ def _banded_mask(B, n, W, dtype):
     return mask
 
 
-def banded_attention(q, k, v, window):
+def banded_attention(q, k, v, window, scale=None):
     """Sliding-window causal attention (query i sees keys i-W..i) as ONE fused attention call on the
     diagonal band: the sequence is cut into n = T/W chunks of W queries, which become batch entries,
     and each chunk attends to 2W keys (the previous chunk's and its own) under a band mask. 2W/T of
     the T x T scores are computed (50% at T = 2048, W = 512) instead of all of them.
     Chunking is a reshape of the (B, T, heads, D) memory, not a copy, for q and the output; keys and
     values are copied once into their overlapping 2W windows. MLX's own VJP (the fused backward on
-    CUDA) differentiates it. q (B, H, T, D), k, v (B, Hkv, T, D) -> (B, H, T, D); T a multiple of W."""
+    CUDA) differentiates it. q (B, H, T, D), k, v (B, Hkv, T, D) -> (B, H, T, D); T a multiple of W;
+    scale defaults to 1/sqrt(D)."""
     B, H, T, D = q.shape
     W = int(window)
     assert banded_supported(T, W), (T, W)
@@ -247,7 +375,7 @@ def banded_attention(q, k, v, window):
         return batch_major(mx.concatenate([prev, c], axis=2))
 
     y = mx.fast.scaled_dot_product_attention(batch_major(chunked(q)), with_previous(k), with_previous(v),
-                                             scale=1.0 / math.sqrt(D), mask=_banded_mask(B, n, W, q.dtype))
+                                             scale=scale or 1.0 / math.sqrt(D), mask=_banded_mask(B, n, W, q.dtype))
     # (B*n, H, W, D) -> (B, T, H, D) memory, returned as the (B, H, T, D) view the callers expect
     return y.reshape(B, n, H, W, D).transpose(0, 1, 3, 2, 4).reshape(B, T, H, D).transpose(0, 2, 1, 3)
 
@@ -279,7 +407,7 @@ def _block_probs(qb, kb, mask, scale):
     return mx.softmax(s, axis=-1)
 
 
-def blockwise_attention_forward(q, k, v, window, block=None):
+def blockwise_attention_forward(q, k, v, window, block=None, scale=None):
     """Attention computed per block of queries (each block only looks at its visible key range): peak
     scratch is one (B, H, block, keys) block instead of (B, H, T, T). q (B, H, T, D), k, v
     (B, Hkv, T, D)."""
@@ -287,7 +415,7 @@ def blockwise_attention_forward(q, k, v, window, block=None):
     Hkv = k.shape[1]
     G = H // Hkv
     bq = block or attention_block_size(B, H, T)
-    scale = 1.0 / math.sqrt(D)
+    scale = scale or 1.0 / math.sqrt(D)
     qg = q.reshape(B, Hkv, G, T, D)
     out = []
     for q0 in range(0, T, bq):
@@ -302,25 +430,25 @@ def blockwise_attention_forward(q, k, v, window, block=None):
     return mx.concatenate(out, axis=3).reshape(B, H, T, D)
 
 
-def _fused_forward(q, k, v, window):
+def _fused_forward(q, k, v, window, scale):
     """mx.fast's fused attention kernel, or None where there is none (the CPU, shapes the kernels
     do not cover). force_fused matters on Metal: under grad tracing MLX would otherwise pick its
     unfused path there, which materialises (B, H, T, T) scores."""
     T = q.shape[2]
     mask = "causal" if window >= T - 1 else _block_mask(0, T, 0, T, window)
     try:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0 / math.sqrt(q.shape[-1]), mask=mask, force_fused=True)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, force_fused=True)
     except ValueError:
         return None
 
 
 @lru_cache(maxsize=None)
-def _attention_fn(window, block):
+def _attention_fn(window, block, scale):
     @mx.custom_function
     def attn(q, k, v):
-        out = _fused_forward(q, k, v, window)
+        out = _fused_forward(q, k, v, window, scale)
         if out is None:
-            out = blockwise_attention_forward(q, k, v, window, block)
+            out = blockwise_attention_forward(q, k, v, window, block, scale)
         return out
 
     @attn.vjp
@@ -330,7 +458,6 @@ def _attention_fn(window, block):
         Hkv = k.shape[1]
         G = H // Hkv
         bq = block or attention_block_size(B, H, T)
-        scale = 1.0 / math.sqrt(D)
         # rowsum(dO * O) = rowsum(P * dP): the softmax backward's correction term, once for all rows
         delta = mx.sum(dout.astype(mx.float32) * out.astype(mx.float32), axis=-1).reshape(B, Hkv, G, T, 1)
         qg, dog = q.reshape(B, Hkv, G, T, D), dout.reshape(B, Hkv, G, T, D)
@@ -369,10 +496,10 @@ def _attention_fn(window, block):
     return attn
 
 
-def attention(q, k, v, window, block=None):
+def attention(q, k, v, window, block=None, scale=None):
     """Causal self-attention with a left window, for training and cache-free forwards: query i sees
-    keys i-window..i, scale 1/sqrt(D), GQA by H // Hkv query heads per kv head. q (B, H, T, D), k, v
+    keys i-window..i, scale 1/sqrt(D) unless given, GQA by H // Hkv query heads per kv head. q (B, H, T, D), k, v
     (B, Hkv, T, D) -> (B, H, T, D). The forward is mx.fast's fused kernel where one exists, else the
     blockwise forward; the backward recomputes per block of queries (nothing (B, H, T, T) is kept)."""
     assert q.shape[1] % k.shape[1] == 0 and k.shape == v.shape and q.shape[2] == k.shape[2]
-    return _attention_fn(int(window), block)(q, k, v)
+    return _attention_fn(int(window), block, float(scale or 1.0 / math.sqrt(q.shape[-1])))(q, k, v)

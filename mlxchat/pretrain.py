@@ -29,7 +29,7 @@ from mlxchat.hardware import device_memory_bytes, device_name, memory_cap
 from mlxchat.schedules import get_lr_multiplier, get_muon_momentum, get_weight_decay
 from mlxchat.training import (Checks, ConfigError, Eval, Finished, Log, Phase, Run, Samples, Started, Trainer,
                               TrainingError, auto_device_batch_size, check_memory, config_dict, estimate_training_memory,
-                              option, parse_batch_size, step_event)
+                              auto_memory_limit_wanted, option, parse_batch_size, step_event)
 
 # the prompts training samples greedily (base_eval samples the same ones, so the two can be compared)
 SAMPLE_PROMPTS = [
@@ -62,7 +62,8 @@ class BaseTrainConfig:
     memory_limit: Optional[float] = option(
         None, "GiB of memory training may use: MLX's allocator is capped there (it waits for the device instead of "
               "queueing ops ahead of it past the cap, which costs a few %% of speed), and --device-batch-size auto picks "
-              "the largest micro-batch that fits (default: no cap with a fixed batch; 75%% of what MLX reports with auto)")
+              "the largest micro-batch that fits (default: with a fixed batch on CUDA, 1.1x the live memory that the first "
+              "step measures, + 0.5 GiB, elsewhere none; with auto, 75%% of what MLX reports)")
     grad_checkpoint: int = option(0, "1 = recompute each block in the backward pass (less memory, ~30%% slower)")
     # optimizer
     embedding_lr: float = option(0.3, "AdamW learning rate of the token embeddings (at the d12 reference batch)")
@@ -447,7 +448,10 @@ class BaseTrainRun(Run):
             pending.append(next(train_loader))  # prefetch: tokenization overlaps the async compute
             return bx, by
 
-        trainer = Trainer(model, optimizer, grad_accum_steps, cfg.grad_checkpoint, grad_reduce=self._grad_reduce())
+        # no cap given (by --memory-limit or the auto batch size's budget): on CUDA the Trainer measures the
+        # first step's live memory and caps MLX just above it, which keeps the peak near it (see Trainer)
+        trainer = Trainer(model, optimizer, grad_accum_steps, cfg.grad_checkpoint, grad_reduce=self._grad_reduce(),
+                          auto_memory_limit=cap_gib is None and auto_memory_limit_wanted())
 
         def save(at_step):
             loader_meta, loader_arrays = split_loader_state(consumed["state"]) if consumed["state"] else (None, None)
@@ -535,6 +539,10 @@ class BaseTrainRun(Run):
                 avg_dt = loop_state["total_training_time"] / (step - 10) if step > 10 else dt
                 if step == first_step + 1:
                     yield Phase("running", step)
+                    if trainer.live_bytes is not None:
+                        yield Log(f"memory: a step holds {trainer.live_bytes / 2 ** 30:.2f} GiB; MLX is capped at "
+                                  f"{mx.get_memory_limit() / 2 ** 30:.2f} GiB so that it does not queue "
+                                  f"far ahead of the device (--memory-limit GiB sets a cap of your own)")
                 yield step_event(step, num_iterations, loss, debiased, lrm, dt, total_batch_size, hp["flops_per_token"],
                                  world_size, loop_state["total_training_time"], avg_dt * (num_iterations - step),
                                  step / max(num_iterations, 1))

@@ -6,7 +6,7 @@ random tokens. Not a command of its own.
 import mlx.core as mx
 
 from mlxchat.gpt import GPT, GPTConfig
-from mlxchat.training import Trainer
+from mlxchat.training import Trainer, auto_memory_limit_wanted
 
 
 def add_model_args(p):
@@ -32,7 +32,9 @@ def build_trainer(args, grad_accum=1):
     model = GPT(model_config(args))
     mx.eval(model.parameters())
     optimizer = model.setup_optimizer(weight_decay=0.1)
-    return model, optimizer, Trainer(model, optimizer, grad_accum, args.grad_checkpoint)
+    # without --memory-limit, the automatic limit that base_train sets (Trainer(auto_memory_limit))
+    auto = getattr(args, "memory_limit", None) is None and auto_memory_limit_wanted()
+    return model, optimizer, Trainer(model, optimizer, grad_accum, args.grad_checkpoint, auto_memory_limit=auto)
 
 
 def random_batch(args):

@@ -75,7 +75,7 @@ from mlx.utils import tree_flatten
 from mlxchat.common import dtype_name, get_compute_dtype
 
 from mlxchat.hardware import gpu_kind
-from mlxchat.gpt import GPT, GPTConfig, compute_window_sizes, recompute_backward
+from mlxchat.gpt import GPT, GPTConfig, RECOMPUTE_PIECES, compute_window_sizes, recompute_backward
 from mlxchat import kernels
 
 GIB = 2 ** 30
@@ -119,7 +119,7 @@ def measure(args):
     grad_bytes = sum(g.nbytes for _, g in tree_flatten(grads))
     result = {
         "backend": str(mx.default_device()), "dtype": dtype_name(get_compute_dtype()),
-        "ce": args.ce, "attn": args.attn, "recompute": recompute_backward(),
+        "ce": args.ce, "attn": args.attn, "recompute": [p for p in RECOMPUTE_PIECES if recompute_backward(p)],
         # what each distinct layer window gets (on CUDA the rule differs between S and L layers)
         "attn_rule": " ".join(f"w{w}:" + kernels.attention_impl(args.batch, config.n_head, args.seq, config.n_embd // config.n_head,
                                                                 get_compute_dtype(), w, args.attn)

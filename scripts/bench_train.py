@@ -6,6 +6,7 @@ and the optimizer's share of the step. The last line is JSON.
     python -m scripts.bench_train --depth 12 --device-batch-size 16 --max-seq-len 2048
     python -m scripts.bench_train --depth 4 --device-batch-size 4 --max-seq-len 512 --steps 5   # CPU-sized
     python -m scripts.bench_train --depth 12 --grad-checkpoint 1 --memory-limit 13   # capped: see base_train --memory-limit
+    python -m scripts.bench_train --depth 12 --memory-limit 0   # no cap, not even base_train's automatic one
 """
 import argparse
 import json
@@ -28,10 +29,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--memory-limit", type=float, default=None,
-                   help="GiB: cap MLX's allocator as base_train --memory-limit does (default: MLX's own limit)")
+                   help="GiB: cap MLX's allocator as base_train --memory-limit does (default: base_train's automatic "
+                        "cap on CUDA, 1.1x the live memory the first step measures + 0.5 GiB; 0: no cap at all)")
     args = p.parse_args(argv)
     log_to_console()
-    with memory_cap(args.memory_limit):
+    with memory_cap(args.memory_limit or None):
         return run(args)
 
 
@@ -59,6 +61,7 @@ def run(args):
         print(f"step {i}: {times[-1] * 1000:.1f} ms, loss {loss:.4f}", flush=True)
     peak = mx.get_peak_memory()
     step_time = sorted(times)[len(times) // 2]
+    print(f"peak memory of the timed steps: {peak / 2 ** 30:.3f} GiB", flush=True)
 
     # forward+backward alone (no optimizer): what the optimizer adds to a step is the difference
     fb_times = []
@@ -94,7 +97,8 @@ def run(args):
         "window_pattern": args.window_pattern,
         "step_ms": round(step_time * 1000, 2), "tokens_per_sec": round(tok_per_sec, 1),
         "tflops": round(flops / 1e12, 3), "mfu": round(100 * flops / peak_flops, 2) if peak_flops else None,
-        "peak_memory_gib": round(peak / 2 ** 30, 3), "memory_limit_gib": args.memory_limit,
+        "peak_memory_gib": round(peak / 2 ** 30, 3), "memory_limit_gib": round(mx.get_memory_limit() / 2 ** 30, 3),
+        "live_memory_gib": round(trainer.live_bytes / 2 ** 30, 3) if trainer.live_bytes else None,
         "optimizer_ms": round(opt_time * 1000, 2), "optimizer_share": round(opt_time / step_time, 4),
         # in a step the optimizer is queued behind the backward, so its host work overlaps device work:
         # its cost in a step is the step minus forward+backward alone

@@ -263,6 +263,40 @@ def test_memory_limit_caps_the_ops_queued_ahead(capsys):
     assert mx.get_memory_limit() == before
 
 
+def test_the_automatic_memory_limit_is_measured_on_the_first_step(monkeypatch):
+    """Without a cap of its own, a Trainer(auto_memory_limit=True) runs its first step throttled (its peak
+    is then the step's live memory) and caps MLX at auto_memory_limit() of that: later steps peak near
+    the live memory instead of holding everything queued ahead. The numbers are the same as unthrottled;
+    memory_cap's block puts MLX's limit back at its end."""
+    monkeypatch.setattr(training, "AUTO_MEMORY_HEADROOM", 0)  # the headroom would dwarf this tiny model's step
+    cfg = GPTConfig(sequence_len=128, vocab_size=512, n_layer=4, n_head=2, n_kv_head=1, n_embd=128, window_pattern="SL")
+    x = mx.random.randint(0, 512, (8, 129), key=mx.random.key(3))
+    batch = (x[:, :-1], x[:, 1:])
+
+    def run(auto, steps=4):
+        mx.random.seed(0)
+        model = GPT(cfg)
+        trainer = Trainer(model, model.setup_optimizer(), 1, auto_memory_limit=auto)
+        with memory_cap(None):
+            losses = [trainer.step(lambda: batch)[0]]
+            mx.synchronize()
+            limit = mx.get_memory_limit()
+            mx.reset_peak_memory()
+            losses += [trainer.step(lambda: batch)[0] for _ in range(steps - 1)]
+            mx.synchronize()
+            return losses, mx.get_peak_memory(), limit, trainer.live_bytes
+
+    before = mx.get_memory_limit()
+    free_losses, free_peak, free_limit, no_live = run(False)
+    assert no_live is None and free_limit == before
+    losses, peak, limit, live = run(True)
+    assert mx.get_memory_limit() == before  # put back at the end of the block
+    assert losses == free_losses  # throttling changes the schedule, not the numbers
+    assert limit == training.auto_memory_limit(live) < before
+    assert live < free_peak and peak < free_peak, (live, peak, free_peak)  # measured 42 / 46 vs 58 MiB (CPU)
+    assert peak <= 1.1 * limit, (peak, limit)  # checked between ops: one op may pass it (measured 1.05x)
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     cfg = GPTConfig(sequence_len=64, vocab_size=128, n_layer=3, n_head=2, n_kv_head=1, n_embd=64, window_pattern="SL")
     mx.random.seed(0)

@@ -18,6 +18,7 @@ import time
 import mlx.core as mx
 import pytest
 
+from mlxchat import pretrain
 from mlxchat.pretrain import BaseTrainConfig, BaseTrainRun
 from mlxchat.rl import RLConfig, RLRun
 from mlxchat.sft import SFTConfig, SFTRun
@@ -68,9 +69,10 @@ def kinds(events, kind):
     return [e for e in events if e.kind == kind]
 
 
-def test_a_run_iterated_on_a_background_thread(base):
+def test_a_run_iterated_on_a_background_thread(base, monkeypatch):
     """The whole tiny run on a thread of its own: the events come in order and say what happened, and
     metrics.jsonl holds the same events for another process to read."""
+    monkeypatch.setattr(pretrain, "auto_memory_limit_wanted", lambda: True)  # CUDA's default, here on the CPU
     config = BaseTrainConfig(**dict(TINY, eval_every=4, eval_tokens=512, sample_every=8), num_iterations=8,
                              data_dir=base, model_tag="thread")
     run, rec = BaseTrainRun(config), Recorder()
@@ -100,6 +102,9 @@ def test_a_run_iterated_on_a_background_thread(base):
     assert [e.step for e in kinds(events, "saved")] == [8]
     assert events[-1].kind == "finished" and events[-1].status == "finished" and events[-1].step == 8
     assert run.result["step"] == 8 and [st for st, _ in run.result["losses"]] == list(range(1, 9))
+    # no --memory-limit: the first step measured the live memory and the run says where MLX is capped
+    memory = [e.text for e in kinds(events, "log") if e.text.startswith("memory: a step holds")]
+    assert len(memory) == 1 and "GiB" in memory[0] and "--memory-limit" in memory[0], memory
     # the same events on disk, in order
     records = read_metrics(os.path.join(run.run_dir, "metrics.jsonl"))
     assert [r["event"] for r in records] == [e.kind for e in events]
