@@ -28,7 +28,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from mlxchat.distributed import DistributedError, all_reduce_floats, all_reduce_mean, get_dist_info
-from mlxchat.hardware import device_memory_bytes, get_peak_flops, gpu_kind, over_cap_message
+from mlxchat.hardware import device_memory_bytes, get_peak_flops, gpu_kind, memory_cap, over_cap_message
 
 
 class TrainingError(RuntimeError):
@@ -98,16 +98,13 @@ class Trainer:
         ones before it), which makes its peak the step's live memory, and MLX is then capped at
         auto_memory_limit() of that (never above the limit it had): past the cap mx.eval waits for the
         device before queueing more. Measured there with a cap of 1.1x: 18.8 GiB cap, 19.1 GiB peak,
-        2% slower than uncapped. Runs use it where auto_memory_limit_wanted() (CUDA). For steps of one shape (pretraining): a later step that needed more would run under
-        the cap one op at a time. The caller's memory_cap block puts MLX's limit back afterwards."""
-        previous = mx.set_memory_limit(1)
-        try:
-            mx.reset_peak_memory()
+        2% slower than uncapped. Runs use it where auto_memory_limit_wanted() (CUDA). For steps of one
+        shape (pretraining): a later step that needed more would run under the cap one op at a time.
+        The caller's memory_cap block puts MLX's limit back afterwards."""
+        with memory_cap(2 ** -30):  # 1 byte; resets the peak on entry, puts MLX's limit back on exit
             result = self._step(next_batch)
             self.live_bytes = mx.get_peak_memory()
-        finally:
-            mx.set_memory_limit(previous)
-        mx.set_memory_limit(min(previous, auto_memory_limit(self.live_bytes)))
+        mx.set_memory_limit(min(mx.get_memory_limit(), auto_memory_limit(self.live_bytes)))
         return result
 
     def _step(self, next_batch):
