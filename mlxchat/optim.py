@@ -107,6 +107,13 @@ def adamw_update(p, g, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, wd):
     p32 = p32 * (1 - lr * wd)  # decoupled weight decay, before the update
     m32 = lerp(m32, g32, 1 - beta1)
     v32 = lerp(v32, mx.square(g32), 1 - beta2)
+    if exp_avg.dtype == mx.float32 and exp_avg_sq.dtype == mx.float32:
+        # Each moment in a kernel of its own (mx.contiguous ends a fusion), so each new array takes its
+        # old one's buffer: MLX gives an output its input's buffer only in a kernel of one output, and
+        # as one kernel the three new arrays were allocated beside the three old ones (d12 on the CPU:
+        # 2.4 GB). The update reads them back as stored: the same fp32 numbers. Moments stored in bf16
+        # stay in the one kernel: the update takes them unrounded.
+        m32, v32 = mx.contiguous(m32), mx.contiguous(v32)
     bias1 = 1 - beta1 ** step
     bias2 = 1 - beta2 ** step
     denom = mx.sqrt(v32 / bias2) + eps
@@ -144,7 +151,8 @@ def muon_update(P, G, momentum_buffer, second_momentum_buffer, lr, momentum, bet
     sqrt_r, sqrt_min_rc, n = mx.array([r ** 0.5, min(r, c) ** 0.5, P.shape[red_dim]], dtype=mx.float32)
 
     # Nesterov momentum, in lerp form
-    M = lerp(momentum_buffer, G, 1 - momentum)
+    # (M in a kernel of its own, which then takes the old buffer's memory: see adamw_update)
+    M = mx.contiguous(lerp(momentum_buffer, G, 1 - momentum))
     U = lerp(G, M, momentum)
 
     # orthogonalize in bf16 when the run computes in bf16 (fp16's exponent range is too small: stay fp32)

@@ -99,6 +99,14 @@ async def test_panes_keys_and_help(make_app):
         assert "space" in screen_text(app) and "Ctrl-P" in screen_text(app)
         await pilot.press("escape")
         assert not isinstance(app.screen, HelpScreen)
+        # l: the Monitor's loss plot on a log axis and back; elsewhere l does nothing
+        plot = app.query_one("#mon-loss")
+        await pilot.press("l")
+        assert not plot.log_y
+        await pilot.press("2", "l")
+        assert plot.log_y and any("log axis" in str(n.message) for n in app._notifications)
+        await pilot.press("l", "1")
+        assert not plot.log_y
         # with no run, the footer offers start but not pause / save / stop
         assert app.check_action("start", ()) and not app.check_action("pause_resume", ())
         assert not app.check_action("stop", ())

@@ -66,6 +66,7 @@ HELP = [
     ("space", "pause / resume the run (at the next step boundary)"),
     ("s", "save a checkpoint now"),
     ("x", "stop the run (asks; stopping saves a checkpoint)"),
+    ("l", "in Monitor, the loss on a log axis (l again: linear)"),
     ("q", "quit (asks while a run is active: the run stops with a checkpoint first)"),
     ("Ctrl-P", "command palette: every action"),
     ("?", "this help"),
@@ -103,6 +104,8 @@ class MlxchatApp(App):
         Binding("s", "save", "Save"),
         Binding("x", "stop", "Stop"),
         Binding("c", "chat_viewed", "Chat"),
+        # the Monitor's; not in the footer (its keys stay the same from pane to pane), in ? and Ctrl-P
+        Binding("l", "log_loss", "Log loss", show=False),
         Binding("q", "quit_app", "Quit"),
         Binding("question_mark", "help", "Keys"),
         Binding("escape", "leave_field", "Leave field", show=False),
@@ -199,6 +202,8 @@ class MlxchatApp(App):
             return not self.active
         if action == "chat_viewed":
             return self.viewing is not None and not self.active
+        if action == "log_loss":
+            return self.query_one("#panes", TabbedContent).active == "monitor"
         return True
 
     # -- panes
@@ -221,6 +226,10 @@ class MlxchatApp(App):
             self.query_one(ChatPane).focus_input()
         elif event.pane.id == "configure":
             self.query_one(ConfigurePane).refresh_checkpoints()
+
+    def action_log_loss(self):
+        log = self.query_one(MonitorPane).toggle_log_y()
+        self.notify(f"Loss on a {'log' if log else 'linear'} axis (l: {'linear' if log else 'log'})", timeout=2)
 
     def action_leave_field(self):
         self.screen.set_focus(None)
@@ -579,6 +588,7 @@ class MlxchatApp(App):
             yield SystemCommand("Pause / resume the run", "space", self.action_pause_resume)
             yield SystemCommand("Save a checkpoint now", "s", self.action_save)
             yield SystemCommand("Stop the run", "x: saves a checkpoint first", self.action_stop)
+        yield SystemCommand("Loss on a log / linear axis", "l: in the Monitor", self._log_loss_from_palette)
         if self.viewing is not None and not self.active:
             yield SystemCommand("Chat with the viewed run", "c: its latest checkpoint", self.action_chat_viewed)
         for i, pane in enumerate(PANES, 1):
@@ -589,6 +599,10 @@ class MlxchatApp(App):
         yield SystemCommand("New chat", "Ctrl-L in the Chat pane", lambda: self.query_one(ChatPane).new_conversation())
         yield SystemCommand("Keys", "?", self.action_help)
         yield SystemCommand("Quit mlxchat", "q", self.action_quit_app)
+
+    def _log_loss_from_palette(self):
+        self.action_show_pane("monitor")
+        self.action_log_loss()
 
     # -- exit
 
@@ -603,7 +617,7 @@ def main(argv=None):
         prog="mlxchat-tui",
         description="The mlxchat dashboard: configure a training run, start it, watch it learn, pause, save or stop "
                     "it from the keyboard, and chat with the model, in one terminal (also over SSH: run it in tmux).",
-        epilog="Keys: 1-4 panes, r start, space pause/resume, s save, x stop, q quit, ? all keys, Ctrl-P commands. "
+        epilog="Keys: 1-4 panes, r start, space pause/resume, s save, x stop, l log loss axis (Monitor), q quit, ? all keys, Ctrl-P commands. "
                "Environment: MLXCHAT_RUNS_DIR (runs folder), MLXCHAT_BASE_DIR (data, tokenizer), TEXTUAL_FPS and "
                "TEXTUAL_COLOR_SYSTEM (slow or 256-color links).")
     parser.add_argument("--runs-dir", default=None, help="where runs live, one folder each (default: $MLXCHAT_RUNS_DIR, "

@@ -216,6 +216,8 @@ class MonitorPane(Vertical):
         Returns whether it is now logarithmic."""
         loss = self.query_one("#mon-loss", LinePlot)
         loss.log_y = not loss.log_y
+        if self._state is not None:
+            self._show_plots(self._state)  # the title says which axis
         return loss.log_y
 
     def _error_text(self):
@@ -239,6 +241,8 @@ class MonitorPane(Vertical):
         title = Text("loss", style="bold")
         if state.smooth_loss_history:
             title.append(f" {number(state.smooth_loss_history[-1][1])}", style=SMOOTH_STYLE)
+        if loss.log_y:
+            title.append(" log axis", style="dim")
         loss.title = title
         title = Text("val bpb", style="bold")
         if state.last_val_bpb is not None:
