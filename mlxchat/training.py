@@ -123,6 +123,9 @@ class Trainer:
         if self.grad_reduce is not None:
             acc = self.grad_reduce(acc)
         self.optimizer.step(self.model, acc)
+        # no reference to the gradients from here: each is freed once the update has read it, rather
+        # than all of them at the end of the step
+        del acc, grads
         mx.eval(self.model.parameters(), self.optimizer.state)
         return losses[-1].item(), sum(l.item() for l in losses) / len(losses)
 
