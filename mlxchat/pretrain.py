@@ -288,7 +288,7 @@ class BaseTrainRun(Run):
             save_tokenizer(tokenizer, own)
 
     def _run(self):
-        from mlxchat.checkpoint_manager import _optim_path, find_last_step, find_tokenizer_dir, load_arrays, load_checkpoint, save_training_checkpoint
+        from mlxchat.checkpoint_manager import find_tokenizer_dir, save_training_checkpoint
         from mlxchat.dataloader import join_loader_state, split_loader_state
         from mlxchat.dataloader import tokenizing_distributed_data_loader_with_state_bos_bestfit as make_loader
         from mlxchat.loss_eval import evaluate_bpb
@@ -379,43 +379,9 @@ class BaseTrainRun(Run):
         loop_state = {"min_val_bpb": float("inf"), "smooth_train_loss": 0.0, "total_training_time": 0.0}
         val_bpb = None
         loader_state = None
-        resume_step = cfg.resume_from_step
-        if resume_step == -2:
-            if world_size == 1:
-                resume_step = find_last_step(checkpoint_dir)
-            else:  # rank 0 holds the model and meta files: it decides, and a missing checkpoint stops every rank
-                try:
-                    found = find_last_step(checkpoint_dir) if master else None
-                except FileNotFoundError as e:
-                    found = str(e)
-                found = broadcast_object(found, label="agreeing on the resume step")
-                if isinstance(found, str):
-                    raise TrainingError(found)
-                resume_step = found
-        if resume_step >= 0:
+        if cfg.resume_from_step != -1:
+            resume_step, meta, optim_data = self._load_resume(checkpoint_dir, cfg.resume_from_step, model, optimizer)
             yield Log(f"resuming from {checkpoint_dir} step {resume_step}")
-            if master:
-                model_data, optim_data, meta = load_checkpoint(checkpoint_dir, resume_step, load_optimizer=True, rank=rank)
-                model.load_state_dict(model_data)
-                del model_data
-            else:  # the other Macs need only their own optimizer + loader file; weights and meta come from rank 0
-                path = _optim_path(checkpoint_dir, resume_step, rank)
-                optim_data, meta = (load_arrays(path) if os.path.exists(path) else None), None
-            if world_size > 1:
-                meta = broadcast_object(meta, label="sending the checkpoint meta")
-                missing = all_reduce_floats([float(optim_data is None and r == rank) for r in range(world_size)],
-                                            label="checking every rank's optimizer file")
-                missing = [r for r, m in enumerate(missing) if m > 0]
-                if missing:
-                    raise TrainingError(f"step {resume_step}: no optim_{resume_step:06d}_rank<r>.safetensors for rank(s) "
-                                        f"{missing} in {checkpoint_dir} on their machines. Every rank resumes from the optimizer "
-                                        f"and loader state it saved itself: launch with the same hostfile (same Mac for each rank).")
-            if meta.get("world_size", 1) != world_size:
-                raise TrainingError(f"checkpoint step {resume_step} was written by {meta.get('world_size', 1)} process(es), this "
-                                    f"run has {world_size}: an exact resume needs the same number (each rank's data position is its own)")
-            if optim_data is None:
-                raise TrainingError(f"no optimizer state for step {resume_step} in {checkpoint_dir}: cannot resume exactly")
-            optimizer.load_state_dict(optim_data["optimizer"]["tensors"], optim_data["optimizer"]["meta"])
             step = meta["step"]
             loop_state = meta["loop_state"]
             val_bpb = meta.get("val_bpb")
@@ -424,7 +390,6 @@ class BaseTrainRun(Run):
             else:
                 loader_state = meta["dataloader_state_dict"]
             del optim_data
-            self._last_saved = step
         if world_size > 1:  # every rank starts from rank 0's weights (fresh or resumed)
             model.update(broadcast_tree(model.parameters(), label="sending rank 0's weights"))
         self.step = step

@@ -10,6 +10,9 @@ after SFT. nanochat's chat_rl in MLX (`python -m scripts.chat_rl` is its shell):
    questions of one step: the prompt and the calculator's forced outputs are not trained on
 4) one optimizer step per --examples-per-step questions; learning rate decays linearly to 0
 
+A checkpoint holds the weights, the optimizer state and the number of updates done: --resume-from-step
+continues a run exactly (the problems come in order and the rollouts' seeds follow from the step).
+
 Tasks (--task):
     gsm8k       GSM8K train (7,473 problems), pass@k on GSM8K test (downloads on first use)
     spellingbee counting letters in words (tasks/spellingbee.py; downloads a word list on first use)
@@ -66,6 +69,8 @@ class RLConfig:
     eval_every: int = option(60, "pass@k on the task's test problems every N steps (-1 = off)")
     eval_examples: int = option(400, "test problems per evaluation")
     save_every: int = option(60, "checkpoint every N steps (and at the last; -1 = only at the last)")
+    resume_from_step: int = option(-1, "continue this RL run from its checkpoint at this step (-2 = the latest; -1 = a "
+                                       "fresh run): the same problems, optimizer state and schedule")
     seed: int = option(42, "random seed")
 
     def validate(self):
@@ -74,6 +79,7 @@ class RLConfig:
                    "eval_examples", "init_lr_frac")
         c.positive(self, "memory_limit", allow_none=True)
         c.require(self.num_steps == -1 or self.num_steps >= 1, f"--num-steps must be >= 1 or -1 (one epoch), got {self.num_steps!r}")
+        c.require(self.resume_from_step >= -2, f"--resume-from-step must be a step, -1 (fresh) or -2 (the latest), got {self.resume_from_step}")
         c.require(self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         c.require(self.temperature >= 0, f"--temperature must be >= 0, got {self.temperature!r}")
         c.require(self.top_k >= 0, f"--top-k must be >= 0, got {self.top_k!r}")
@@ -196,7 +202,7 @@ class RLRun(Run):
     stage = "rl"
 
     def _run(self):
-        from mlxchat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step, save_checkpoint
+        from mlxchat.checkpoint_manager import SOURCE_DIRS, build_model, find_largest_model, find_last_step, save_training_checkpoint
         from mlxchat.engine import Engine
 
         cfg = self.config
@@ -243,17 +249,33 @@ class RLRun(Run):
             cfg.checkpoint_dir or os.path.join(base_dir, SOURCE_DIRS["rl"], cfg.model_tag or model_tag)))
 
         def save(at_step):
-            save_checkpoint(checkpoint_dir, at_step, model.named_parameters(), None,
-                            {"step": at_step, "model_config": model.config.to_dict(), "user_config": config_dict(cfg),
-                             "sft_checkpoint": {"model_tag": model_tag, "step": model_step}})
+            # at_step is nanochat's label (the loop's step index: a save after step i's update is labelled i);
+            # completed_steps (updates done) and the optimizer state are what a resume continues from
+            save_training_checkpoint(checkpoint_dir, at_step, model, optimizer, {
+                "step": at_step, "model_config": model.config.to_dict(), "user_config": config_dict(cfg),
+                "sft_checkpoint": {"model_tag": model_tag, "step": model_step}, "completed_steps": self.step,
+                "loop_state": {"train_time": train_time, "rewards": history, "evals": evals}})
         self._save_checkpoint = save
+
+        start, history, evals, train_time, evaluated_at = 0, [], [], 0.0, None
+        if cfg.resume_from_step != -1:
+            label, meta, _ = self._load_resume(checkpoint_dir, cfg.resume_from_step, model, optimizer)
+            if "completed_steps" not in meta:
+                raise TrainingError(f"{checkpoint_dir} step {label} was saved without its optimizer state (before RL runs "
+                                    f"could resume): start a new RL run from the SFT checkpoint")
+            start = self.step = meta["completed_steps"]
+            loop = meta["loop_state"]
+            train_time, history, evals = loop["train_time"], list(loop["rewards"]), [tuple(e) for e in loop["evals"]]
+            # a run stopped at a step boundary saved after that step's evaluation; a periodic save came before it
+            evaluated_at = start if label == start else None
+            yield Log(f"resuming from {checkpoint_dir} step {label} ({start} updates done)")
         self._live_model = (model, keep_tokenizer(tokenizer, checkpoint_dir) if self.rank == 0 else None)
         num_params = sum(v.size for v in model.named_parameters().values())
         flops_per_token = float(model.estimate_flops())
         tokens_per_step = cfg.examples_per_step * cfg.num_samples * cfg.max_new_tokens  # at most
         yield Started(stage=self.stage, run_dir=checkpoint_dir, config=dict(config_dict(cfg), num_steps=num_steps),
                       num_params=num_params, tokens_per_step=tokens_per_step, flops_per_token=flops_per_token,
-                      total_steps=num_steps, start_step=0, device=device_name(), pid=os.getpid())
+                      total_steps=num_steps, start_step=start, device=device_name(), pid=os.getpid())
 
         def run_eval(at_step):
             k = cfg.device_batch_size
@@ -262,15 +284,13 @@ class RLRun(Run):
             return passk, mean_reward, Eval(at_step, {**passk, "mean_reward": mean_reward,
                                                       "problems": min(cfg.eval_examples, len(val_task))})
 
-        problems = itertools.cycle(range(len(train_task)))
+        # the problems in order, round and round; a resumed run skips those its updates used
+        problems = itertools.islice(itertools.cycle(range(len(train_task))), start * cfg.examples_per_step, None)
         num_passes = cfg.num_samples // cfg.device_batch_size
-        history, evals = [], []
-        train_time = 0.0
-        step = 0
         status = "finished"
         with memory_cap(cfg.memory_limit):  # MLX's memory limit is put back after the loop
-            for step in range(num_steps):
-                if cfg.eval_every > 0 and step % cfg.eval_every == 0:
+            for step in range(start, num_steps):
+                if cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != evaluated_at:
                     yield Phase("evaluating", step)
                     passk, mean_reward, event = run_eval(step)
                     evals.append((step, passk, mean_reward))
@@ -279,7 +299,7 @@ class RLRun(Run):
                     status = "stopped"
                     yield from self._save(step)
                     break
-                if step == 0:
+                if step == start:
                     yield Phase("running", step)
                 t0 = time.time()
                 lrm = get_rl_lr_multiplier(step, num_steps)
@@ -313,7 +333,7 @@ class RLRun(Run):
                 # an RL step has no loss to show: the mean reward stands in for it (higher is better)
                 yield step_event(step + 1, num_steps, mean_reward, mean_reward, lrm, dt, sum(lengths), flops_per_token,
                                  1, train_time, eta, (step + 1) / num_steps, reward=mean_reward, answer_length=mean_length)
-                notice = self._after_step(step + 1, 0, cfg.memory_limit)
+                notice = self._after_step(step + 1, start, cfg.memory_limit)
                 if notice is not None:
                     yield notice
                 last = step == num_steps - 1

@@ -21,7 +21,8 @@ Mixtures (--mixture):
                last 5% (at most 500) are held out for validation
 
 Batch size, sequence length and learning rates default to the base checkpoint's (its meta file).
-A stop command finishes the current step and saves a checkpoint.
+A stop command finishes the current step and saves a checkpoint; --resume-from-step continues the run
+from one exactly (the weights, the optimizer state, each rank's packing position and the schedule).
 
 Data parallel across processes / Macs, as pretraining (mlxchat.pretrain).
 Rank r packs conversations r, r+W, ... of the mixture; gradients are averaged before every step. Only
@@ -67,6 +68,8 @@ class SFTConfig:
                                                       "folder, or a nanochat checkpoint directory")
     checkpoint_dir: Optional[str] = option(None, "the SFT run's folder (default <base dir>/chatsft_checkpoints/<model tag>)")
     load_optimizer: int = option(1, "1 = start from the base run's optimizer state (momenta) when saved")
+    resume_from_step: int = option(-1, "continue this SFT run from its checkpoint at this step (-2 = the latest; "
+                                       "-1 = a fresh run): the same data position, optimizer state and schedule")
     # horizon and batch (None = the base checkpoint's)
     num_iterations: int = option(-1, "steps; -1 = one epoch of the mixture")
     max_seq_len: Optional[int] = option(None, "row length in tokens (default: the base run's)")
@@ -103,6 +106,7 @@ class SFTConfig:
         for name in ("max_seq_len", "device_batch_size", "total_batch_size"):
             v = getattr(self, name)
             c.require(v is None or (isinstance(v, int) and v >= 1), f"--{name.replace('_', '-')} must be >= 1, got {v!r}")
+        c.require(self.resume_from_step >= -2, f"--resume-from-step must be a step, -1 (fresh) or -2 (the latest), got {self.resume_from_step}")
         c.require(self.num_iterations == -1 or self.num_iterations >= 1,
                   f"--num-iterations must be >= 1 or -1 (one epoch), got {self.num_iterations!r}")
         c.positive(self, "eval_tokens", "init_lr_frac", "dist_timeout")
@@ -179,23 +183,34 @@ def build_mixtures(mixture, mmlu_epochs=3, gsm8k_epochs=4):
     return TaskMixture(train), TaskMixture(val), notes
 
 
-def sft_rows_bestfit(dataset, tokenizer, num_rows, row_capacity, buffer_size=100, rank=0, world_size=1):
+def sft_rows_bestfit(dataset, tokenizer, num_rows, row_capacity, buffer_size=100, rank=0, world_size=1, resume_state=None):
     """Pack conversations into rows of exactly row_capacity tokens, best fit, BOS padding, no cropping.
     Yields (rows, masks, content_lengths, state) per batch of num_rows rows; state has 'consumed'
-    (conversations packed, counting all ranks, for the progress), 'epoch' and 'skipped'. Rank r
+    (conversations packed, counting all ranks, for the progress), 'epoch' and 'skipped', and where the
+    packing stands ('cursor', the next conversation to fetch, and 'buffer', the fetched ones not yet
+    packed, by index): given back as resume_state, it continues with exactly the next batch. Rank r
     fetches conversations r, r+W, ... and wraps around into the next epoch."""
     size = len(dataset)
     assert size > 0, "empty dataset"
     bos = tokenizer.get_bos_token_id()
-    buffer = []  # (ids, mask) of fetched conversations
+    buffer = []  # (ids, mask, index) of fetched conversations
     state = {"consumed": rank, "epoch": 1, "skipped": 0, "dataset_size": size}
     cursor = rank
+    if resume_state is not None:
+        if resume_state["dataset_size"] != size:
+            raise ValueError(f"the data has {size:,} conversations, the saved position is in a mixture of "
+                             f"{resume_state['dataset_size']:,}: an exact resume needs the same mixture")
+        state.update({k: resume_state[k] for k in ("consumed", "epoch", "skipped")})
+        cursor = resume_state["cursor"]
+        # the buffered conversations rendered again (rendering is deterministic), in their order
+        buffer = [(*tokenizer.render_conversation(dataset[i]), i) for i in resume_state["buffer"]]
     skips_in_a_row = 0
 
     def refill():
         nonlocal cursor, skips_in_a_row
         while len(buffer) < buffer_size:
-            ids, mask = tokenizer.render_conversation(dataset[cursor])
+            index = cursor
+            ids, mask = tokenizer.render_conversation(dataset[index])
             cursor += world_size
             if cursor >= size:
                 cursor %= size
@@ -210,7 +225,7 @@ def sft_rows_bestfit(dataset, tokenizer, num_rows, row_capacity, buffer_size=100
                                      f"(max_seq_len + 1) with a supervised token: raise --max-seq-len")
                 continue
             skips_in_a_row = 0
-            buffer.append((ids, mask))
+            buffer.append((ids, mask, index))
 
     while True:
         rows, masks, lengths = [], [], []
@@ -220,12 +235,12 @@ def sft_rows_bestfit(dataset, tokenizer, num_rows, row_capacity, buffer_size=100
                 refill()
                 remaining = row_capacity - len(row)
                 best, best_len = -1, 0
-                for i, (ids, _) in enumerate(buffer):
+                for i, (ids, _, _) in enumerate(buffer):
                     if best_len < len(ids) <= remaining:
                         best, best_len = i, len(ids)
                 if best < 0:
                     break  # nothing fits the rest of the row: pad it
-                ids, mask = buffer.pop(best)
+                ids, mask, _ = buffer.pop(best)
                 row.extend(ids)
                 mrow.extend(mask)
                 state["consumed"] += world_size
@@ -233,7 +248,7 @@ def sft_rows_bestfit(dataset, tokenizer, num_rows, row_capacity, buffer_size=100
             pad = row_capacity - len(row)
             rows.append(row + [bos] * pad)
             masks.append(mrow + [0] * pad)
-        yield rows, masks, lengths, dict(state)
+        yield rows, masks, lengths, dict(state, cursor=cursor, buffer=[i for _, _, i in buffer])
 
 
 def rows_to_batch(rows, masks, lengths):
@@ -251,10 +266,11 @@ def rows_to_batch(rows, masks, lengths):
     return mx.array(inputs), mx.array(targets)
 
 
-def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_seq_len, buffer_size=100, rank=0, world_size=1):
+def sft_data_generator_bos_bestfit(dataset, tokenizer, device_batch_size, max_seq_len, buffer_size=100, rank=0, world_size=1,
+                                   resume_state=None):
     """Batches (inputs, targets, state) for SFT: see sft_rows_bestfit and rows_to_batch."""
     for rows, masks, lengths, state in sft_rows_bestfit(dataset, tokenizer, device_batch_size, max_seq_len + 1,
-                                                        buffer_size, rank, world_size):
+                                                        buffer_size, rank, world_size, resume_state):
         inputs, targets = rows_to_batch(rows, masks, lengths)
         yield inputs, targets, state
 
@@ -411,16 +427,38 @@ class SFTRun(Run):
                   f"{lrs['matrix_lr']}, x init_lr_frac {cfg.init_lr_frac}")
         # rank 0 reads the base run's optimizer file (its state is the same on every rank of a base run) and sends it
         saved = None
-        if cfg.load_optimizer and master:
+        resuming = cfg.resume_from_step != -1  # the run's own optimizer state is loaded below, not the base run's
+        if cfg.load_optimizer and master and not resuming:
             path = _optim_path(os.path.join(source_dir, model_tag), model_step, 0)
             saved = load_arrays(path) if os.path.exists(path) else None
         optimizer, loaded = setup_sft_optimizer(model, lrs, cfg.init_lr_frac, saved)
         if world_size > 1:
             loaded = share_optimizer(optimizer, loaded)
-        if cfg.load_optimizer:
+        if cfg.load_optimizer and not resuming:
             yield Log("loaded the base run's optimizer state" if loaded else
                       "no optimizer state saved with the base checkpoint: starting with a fresh optimizer")
         del saved
+
+        output_tag = model_tag if (cfg.model_tag or cfg.base_checkpoint_dir) else f"d{model.config.n_layer}"
+        self.run_dir = checkpoint_dir = os.path.abspath(os.path.expanduser(
+            cfg.checkpoint_dir or os.path.join(base_dir, SOURCE_DIRS["sft"], output_tag)))
+        step, smooth, val_bpb, initial_val_bpb, train_time = 0, 0.0, None, None, 0.0
+        resume_state = None  # where this rank's packing stood, when resuming
+        if resuming:
+            step, meta, optim_data = self._load_resume(checkpoint_dir, cfg.resume_from_step, model, optimizer)
+            yield Log(f"resuming from {checkpoint_dir} step {step}")
+            loop = meta.get("loop_state") or {}
+            smooth, initial_val_bpb, train_time = loop.get("smooth", 0.0), loop.get("initial_val_bpb"), loop.get("train_time", 0.0)
+            val_bpb = meta.get("val_bpb")
+            resume_state = (optim_data.get("data") or {}).get("meta")
+            del optim_data
+            if resume_state is None and step > 0:
+                raise TrainingError(f"{checkpoint_dir} step {step} holds no data position (saved before SFT runs could "
+                                    f"resume): start a new SFT run from the base checkpoint")
+            if world_size > 1:  # rank 0 loaded the weights
+                model.update(broadcast_tree(model.parameters(), label="sending rank 0's weights"))
+        resumed_at = step if resuming else None
+        first_step = self.step = step
 
         # data
         yield Phase("tokenizing")
@@ -434,8 +472,12 @@ class SFTRun(Run):
             barrier("loading the SFT mixture", timeout=10 * cfg.dist_timeout)
             check_same_on_all_ranks(tokenizer_fingerprint(tokenizer) + [len(train_set), len(val_set)],
                                     "the tokenizer or the SFT mixture")
-        train_loader = sft_data_generator_bos_bestfit(train_set, tokenizer, B, T, rank=rank, world_size=world_size)
-        data_state = {"consumed": 0, "epoch": 1, "skipped": 0}
+        try:
+            train_loader = sft_data_generator_bos_bestfit(train_set, tokenizer, B, T, rank=rank, world_size=world_size,
+                                                          resume_state=resume_state)
+        except ValueError as e:
+            raise TrainingError(f"cannot resume {checkpoint_dir}: {e}") from None
+        data_state = dict(resume_state) if resume_state else {"consumed": 0, "epoch": 1, "skipped": 0}
 
         def next_batch():
             x, y, state = next(train_loader)
@@ -464,16 +506,17 @@ class SFTRun(Run):
         if chatcore_every > 0:
             chatcore = make_chatcore(model, tokenizer, B, cfg.chatcore_max_cat, cfg.chatcore_max_sample)
 
-        output_tag = model_tag if (cfg.model_tag or cfg.base_checkpoint_dir) else f"d{model.config.n_layer}"
-        self.run_dir = checkpoint_dir = os.path.abspath(os.path.expanduser(
-            cfg.checkpoint_dir or os.path.join(base_dir, SOURCE_DIRS["sft"], output_tag)))
 
         def save(at_step):
             model_config = dict(model.config.to_dict(), sequence_len=T)  # as nanochat: the SFT context length
+            # each rank's packing position goes into its own optimizer file (a resume continues from it)
+            position = {"meta": dict(data_state)} if "cursor" in data_state else {"meta": None}
             save_training_checkpoint(checkpoint_dir, at_step, model, optimizer,
                                      {"step": at_step, "val_bpb": val_bpb, "model_config": model_config,
                                       "user_config": config_dict(cfg), "base_checkpoint": {"model_tag": model_tag, "step": model_step},
-                                      "world_size": world_size})
+                                      "world_size": world_size,
+                                      "loop_state": {"smooth": smooth, "initial_val_bpb": initial_val_bpb, "train_time": train_time}},
+                                     data=position)
         self._save_checkpoint = save
         self._live_model = (model, keep_tokenizer(tokenizer, checkpoint_dir) if self.rank == 0 else None)
         total_steps = cfg.num_iterations if cfg.num_iterations > 0 else None
@@ -484,10 +527,9 @@ class SFTRun(Run):
                         train_conversations=len(train_set), val_conversations=len(val_set))
         yield Started(stage=self.stage, run_dir=checkpoint_dir, config=resolved, num_params=num_params,
                       tokens_per_step=total_batch_size, flops_per_token=flops_per_token, total_steps=total_steps,
-                      start_step=0, world_size=world_size, device=device_name(), pid=os.getpid())
+                      start_step=step, world_size=world_size, device=device_name(), pid=os.getpid())
 
         trainer = Trainer(model, optimizer, grad_accum_steps, grad_reduce=self._grad_reduce())
-        step, smooth, val_bpb, initial_val_bpb, train_time = 0, 0.0, None, None, 0.0
         chatcore_results = {}
         status = "finished"
         losses, mean_losses = [], []  # per step: the last micro-batch's loss, the mean over all micro-batches (over ranks)
@@ -502,13 +544,14 @@ class SFTRun(Run):
                     consumed = all_reduce_floats([data_state["consumed"]], op="max", label=f"step {step:05d}: data position")[0]
                     last_step = consumed >= len(train_set)
                     progress = consumed / len(train_set)
-                if last_step or step == 0 or (cfg.eval_every > 0 and step % cfg.eval_every == 0):
+                # (a resumed run evaluated at its step before it stopped)
+                if last_step or (step != resumed_at and (step == 0 or (cfg.eval_every > 0 and step % cfg.eval_every == 0))):
                     yield Phase("evaluating", step)
                     val_bpb = evaluate(step)
                     if initial_val_bpb is None:
                         initial_val_bpb = val_bpb
                     yield Eval(step, {"val_bpb": val_bpb})
-                if chatcore is not None and (last_step or (step > 0 and step % chatcore_every == 0)):
+                if chatcore is not None and (last_step or (step > 0 and step != resumed_at and step % chatcore_every == 0)):
                     yield Phase("evaluating", step)
                     # every rank evaluates its share of the problems; how long that takes is unknown, so no watchdog
                     # deadline here, but a rank that dies still stops the others
@@ -529,7 +572,7 @@ class SFTRun(Run):
                     group["lr"] = group["initial_lr"] * lrm
                     if group["kind"] == "muon":
                         group["momentum"] = momentum
-                if step == 0:
+                if step == first_step:
                     yield Phase("compiling", step)
                 t0 = time.time()
                 loss, mean_loss = trainer.step(next_batch)
@@ -539,18 +582,18 @@ class SFTRun(Run):
                 self.step = step
                 losses.append(loss)
                 mean_losses.append(mean_loss)
-                if step > 1:  # the first step includes compilation
+                if step > first_step + 1:  # this process's first step includes compilation
                     train_time += dt
                 smooth = 0.9 * smooth + 0.1 * loss
                 debiased = smooth / (1 - 0.9 ** step)
                 # progress: by steps with --num-iterations, else by the share of the mixture consumed
                 done = step / cfg.num_iterations if cfg.num_iterations > 0 else data_state["consumed"] / len(train_set)
-                eta = train_time / max(done, 1e-9) * (1 - done) if step > 1 else None
-                if step == 1:
+                eta = train_time / max(done, 1e-9) * (1 - done) if train_time > 0 else None
+                if step == first_step + 1:
                     yield Phase("running", step)
                 yield step_event(step, total_steps, loss, debiased, lrm, dt, total_batch_size, flops_per_token, world_size,
                                  train_time, eta, min(done, 1.0), epoch=data_state["epoch"])
-                notice = self._after_step(step, 0, cfg.memory_limit)
+                notice = self._after_step(step, first_step, cfg.memory_limit)
                 if notice is not None:
                     yield notice
 
@@ -560,7 +603,8 @@ class SFTRun(Run):
         if skipped:
             yield Log(f"skipped {skipped:,} conversations longer than {T + 1} tokens or without an assistant "
                       f"token (raise --max-seq-len to train on them)")
-        yield Log(f"val bpb: {initial_val_bpb:.4f} -> {val_bpb:.4f}")
+        if initial_val_bpb is not None and val_bpb is not None:
+            yield Log(f"val bpb: {initial_val_bpb:.4f} -> {val_bpb:.4f}")
         self.result = {"step": step, "val_bpb": val_bpb, "initial_val_bpb": initial_val_bpb, "losses": losses,
                        "mean_losses": mean_losses, "skipped": skipped, "checkpoint_dir": checkpoint_dir,
                        "chatcore": chatcore_results, "rank": rank, "world_size": world_size, "status": status}

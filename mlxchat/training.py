@@ -805,6 +805,51 @@ class Run:
         self._last_saved = step
         yield Saved(step, self.run_dir)
 
+    def _load_resume(self, checkpoint_dir, resume_step, model, optimizer):
+        """Load a checkpoint of this run to continue it exactly: the weights (rank 0's, which the caller
+        then sends to the others), this rank's optimizer file (the optimizer's state and whatever the
+        run saved beside it: its data position) and the meta. resume_step -2 means the latest. Returns
+        (step, meta, optimizer file's tree)."""
+        from mlxchat.checkpoint_manager import _optim_path, find_last_step, load_arrays, load_checkpoint
+        from mlxchat.distributed import broadcast_object
+        master, rank, world_size = self.rank == 0, self.rank, self.world_size
+        if resume_step == -2:
+            if world_size == 1:
+                resume_step = find_last_step(checkpoint_dir)
+            else:  # rank 0 holds the model and meta files: it decides, and a missing checkpoint stops every rank
+                try:
+                    found = find_last_step(checkpoint_dir) if master else None
+                except FileNotFoundError as e:
+                    found = str(e)
+                found = broadcast_object(found, label="agreeing on the resume step")
+                if isinstance(found, str):
+                    raise TrainingError(found)
+                resume_step = found
+        if master:
+            model_data, optim_data, meta = load_checkpoint(checkpoint_dir, resume_step, load_optimizer=True, rank=rank)
+            model.load_state_dict(model_data)
+            del model_data
+        else:  # the other Macs need only their own optimizer + data file; weights and meta come from rank 0
+            path = _optim_path(checkpoint_dir, resume_step, rank)
+            optim_data, meta = (load_arrays(path) if os.path.exists(path) else None), None
+        if world_size > 1:
+            meta = broadcast_object(meta, label="sending the checkpoint meta")
+            missing = all_reduce_floats([float(optim_data is None and r == rank) for r in range(world_size)],
+                                        label="checking every rank's optimizer file")
+            missing = [r for r, m in enumerate(missing) if m > 0]
+            if missing:
+                raise TrainingError(f"step {resume_step}: no optim_{resume_step:06d}_rank<r>.safetensors for rank(s) "
+                                    f"{missing} in {checkpoint_dir} on their machines. Every rank resumes from the optimizer "
+                                    f"and data state it saved itself: launch with the same hostfile (same Mac for each rank).")
+        if meta.get("world_size", 1) != world_size:
+            raise TrainingError(f"checkpoint step {resume_step} was written by {meta.get('world_size', 1)} process(es), this "
+                                f"run has {world_size}: an exact resume needs the same number (each rank's data position is its own)")
+        if optim_data is None:
+            raise TrainingError(f"no optimizer state for step {resume_step} in {checkpoint_dir}: cannot resume exactly")
+        optimizer.load_state_dict(optim_data["optimizer"]["tensors"], optim_data["optimizer"]["meta"])
+        self._last_saved = resume_step
+        return resume_step, meta, optim_data
+
     def _grad_reduce(self):
         """For Trainer: with several ranks, every rank steps with the mean gradient over all ranks."""
         if self.world_size == 1:

@@ -21,6 +21,7 @@ Examples:
     python -m scripts.chat_rl                                   # nanochat's: GSM8K, one epoch (467 steps)
     python -m scripts.chat_rl --task demo-calc --device-batch-size 4 --num-samples 8 --examples-per-step 4 \\
         --max-new-tokens 128 --eval-every 20 --eval-examples 40
+    python -m scripts.chat_rl ... --resume-from-step -2         # continue a stopped run from its last checkpoint
 
 Ctrl-C finishes the current step, saves a checkpoint and exits with status 130 (a second Ctrl-C aborts).
 The loop itself is mlxchat.rl.RLRun: this script is its shell.

@@ -23,6 +23,7 @@ Examples:
     python -m scripts.chat_sft                                    # after base_train, nanochat's recipe
     python -m scripts.chat_sft --mixture demo --max-seq-len 512 --device-batch-size 8 \\
         --total-batch-size 8192 --eval-every 50 --eval-tokens 100000   # the offline demo
+    python -m scripts.chat_sft ... --resume-from-step -2          # continue a stopped run from its last checkpoint
 
 Batch size, sequence length and learning rates default to the base checkpoint's (its meta file).
 Ctrl-C finishes the current step, saves a checkpoint and exits with status 130 (a second Ctrl-C aborts).

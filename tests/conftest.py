@@ -81,6 +81,22 @@ def base(fixture_dir):
     return os.path.join(fixture_dir, "base_data")
 
 
+def install_base(fixture_dir, base, tag="fx", meta_extra=None):
+    """The parity fixture's model as base checkpoint <base>/base_checkpoints/<tag> (step 62, its meta with
+    meta_extra), and its tokenizer in <base>/tokenizer unless one is there. Returns the checkpoint folder."""
+    ckpt = os.path.join(base, "base_checkpoints", tag)
+    os.makedirs(ckpt)
+    shutil.copy(os.path.join(fixture_dir, "checkpoint", "model_000062.pt"), ckpt)
+    with open(os.path.join(fixture_dir, "checkpoint", "meta_000062.json")) as f:
+        meta = json.load(f)
+    meta.update(meta_extra or {})
+    with open(os.path.join(ckpt, "meta_000062.json"), "w") as f:
+        json.dump(meta, f)
+    if not os.path.exists(os.path.join(base, "tokenizer")):
+        shutil.copytree(os.path.join(fixture_dir, "tokenizer"), os.path.join(base, "tokenizer"))
+    return ckpt
+
+
 @pytest.fixture
 def anyio_backend():
     return "asyncio"

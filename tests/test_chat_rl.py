@@ -109,7 +109,38 @@ def test_rl_raises_the_reward_of_a_toy_task(fixture_dir):
     assert meta["step"] == 9 and meta["model_config"]["n_layer"] == 3
     passk2, reward2 = evaluate_passk(Engine(model, tokenizer), tokenizer, ToyLetter(split="test"), 5, 8, 8, 1.0, 50)
     assert reward2 == pytest.approx(after, abs=1e-6) and passk2 == passk
-    assert not any(f.startswith("optim_") for f in os.listdir(os.path.join(base, "chatrl_checkpoints", "fx")))
+    assert "optim_000009_rank0.safetensors" in os.listdir(os.path.join(base, "chatrl_checkpoints", "fx"))  # for a resume
     # the per-step rewards went to the report's metrics log
     records = [json.loads(line) for line in open(os.path.join(base, "report", "metrics_rl.jsonl"))]
     assert [r["reward"] for r in records if "reward" in r] == pytest.approx(rewards)
+
+
+def test_a_stopped_rl_run_resumes_exactly(fixture_dir, tmp_path):
+    """Stopped midway and resumed, an RL run ends with the weights and per-step rewards of the run that
+    went through: the same problems, rollout seeds, optimizer state and schedule."""
+    from mlxchat.common import get_base_dir
+    from mlxchat.checkpoint_manager import load_checkpoint
+    from mlxchat.rl import RLConfig, RLRun
+    install_sft(fixture_dir, get_base_dir())
+    settings = dict(model_tag="fx", task="toy", device_batch_size=8, num_samples=8, examples_per_step=2, max_new_tokens=8,
+                    num_steps=6, init_lr_frac=1.0, eval_every=2, eval_examples=3, save_every=-1)
+
+    def train(folder, stop_after=None, **extra):
+        run = RLRun(RLConfig(**settings, checkpoint_dir=str(folder), **extra))
+        for event in run:
+            if event.kind == "step" and event.step == stop_after:
+                run.control.stop()
+        return run
+
+    through = train(tmp_path / "through")
+    stopped = train(tmp_path / "stopped", stop_after=2)  # taken at a step boundary: after 2 or 3 updates
+    done = stopped.result["step"]
+    assert stopped.result["status"] == "stopped" and done in (2, 3)
+    resumed = train(tmp_path / "stopped", resume_from_step=-2)
+    assert resumed.result["status"] == "finished" and resumed.result["step"] == 6
+    assert resumed.result["rewards"] == through.result["rewards"]  # the stopped run's steps, then the resumed ones
+    # the evaluations: each step's once (the one at the stop is not repeated), the same numbers
+    assert resumed.result["evals"] == through.result["evals"]
+    a, _, _ = load_checkpoint(str(tmp_path / "through"), 5)
+    b, _, _ = load_checkpoint(str(tmp_path / "stopped"), 5)
+    assert a.keys() == b.keys() and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)

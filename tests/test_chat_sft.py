@@ -7,7 +7,6 @@ demo chat set shipped in mlxchat/data/demo_chat.
 """
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from scripts import chat_sft
 from tasks.demo_chat import DEMO_CHAT_DIR, DemoCalculator
 from tasks.common import Task
 from tasks.customjson import CustomJSON
+from conftest import install_base
 
 
 class ListTask(Task):
@@ -216,17 +216,6 @@ def test_base_optimizer_state_is_kept_with_sft_learning_rates(fixture_dir):
 # -----------------------------------------------------------------------------
 # a real SFT run
 
-def install_base(fixture_dir, base, tag="fx", meta_extra=None):
-    ckpt = os.path.join(base, "base_checkpoints", tag)
-    os.makedirs(ckpt)
-    shutil.copy(os.path.join(fixture_dir, "checkpoint", "model_000062.pt"), ckpt)
-    meta = json.load(open(os.path.join(fixture_dir, "checkpoint", "meta_000062.json")))
-    meta.update(meta_extra or {})
-    json.dump(meta, open(os.path.join(ckpt, "meta_000062.json"), "w"))
-    shutil.copytree(os.path.join(fixture_dir, "tokenizer"), os.path.join(base, "tokenizer"))
-    return ckpt
-
-
 def heldout_loss(model, tokenizer, val_set, B, T):
     """Mean cross entropy (nats) per supervised token over one pass of the held-out conversations."""
     total, count = 0.0, 0
@@ -400,3 +389,50 @@ def test_chatcore_centers_and_averages(monkeypatch):
     # categorical tasks: all problems, batched; generative: 24 problems, greedy (nanochat's settings)
     assert sorted(calls) == sorted([("ARC-Easy", 4, None, 0.0), ("ARC-Challenge", 4, None, 0.0), ("MMLU", 4, None, 0.0),
                                     ("GSM8K", 4, 24, 0.0), ("HumanEval", 4, 24, 0.0)])
+
+
+def test_the_packer_resumes_with_exactly_the_next_batch(tokenizer):
+    convs = ListTask(make_conversations(60, seed=5))
+    gen = sft_rows_bestfit(convs, tokenizer, num_rows=2, row_capacity=257, buffer_size=16, rank=1, world_size=2)
+    batches = [next(gen) for _ in range(12)]  # past the end of the rank's half: into its second epoch
+    assert batches[-1][3]["epoch"] >= 2
+    for k in (0, 5, 9):
+        saved = json.loads(json.dumps(batches[k][3]))  # as it goes through a checkpoint's JSON
+        resumed = sft_rows_bestfit(convs, tokenizer, num_rows=2, row_capacity=257, buffer_size=16, rank=1,
+                                   world_size=2, resume_state=saved)
+        for expected in batches[k + 1:]:
+            assert next(resumed) == expected
+    with pytest.raises(ValueError, match="same mixture"):
+        next(sft_rows_bestfit(ListTask(make_conversations(59, seed=5)), tokenizer, 2, 257, resume_state=batches[3][3]))
+
+
+def test_a_stopped_sft_run_resumes_exactly(fixture_dir, tmp_path):
+    """Stopped midway and resumed, an SFT run ends with the weights and the step losses of the run
+    that went through: the same batches (the packer's position), optimizer state and schedule."""
+    from mlxchat.common import get_base_dir
+    from mlxchat.sft import SFTConfig, SFTRun
+    install_base(fixture_dir, get_base_dir())
+    settings = dict(mixture="demo", max_seq_len=64, device_batch_size=2, total_batch_size=256, num_iterations=6,
+                    eval_every=-1, eval_tokens=128)
+
+    def train(folder, stop_after=None, **extra):
+        run = SFTRun(SFTConfig(**settings, checkpoint_dir=str(folder), **extra))
+        losses = {}
+        for event in run:
+            if event.kind == "step":
+                losses[event.step] = event.loss
+                if event.step == stop_after:
+                    run.control.stop()
+        return run, losses
+
+    through, through_losses = train(tmp_path / "through")
+    stopped, _ = train(tmp_path / "stopped", stop_after=3)  # taken at a step boundary: after step 3 or 4
+    at = stopped.result["step"]
+    assert stopped.result["status"] == "stopped" and at in (3, 4)
+    resumed, resumed_losses = train(tmp_path / "stopped", resume_from_step=-2)
+    assert resumed.result["status"] == "finished" and resumed.result["step"] == 6
+    assert sorted(resumed_losses) == list(range(at + 1, 7))
+    assert resumed_losses == {s: through_losses[s] for s in range(at + 1, 7)}
+    a, _, _ = load_checkpoint(str(tmp_path / "through"), 6)
+    b, _, _ = load_checkpoint(str(tmp_path / "stopped"), 6)
+    assert a.keys() == b.keys() and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)

@@ -434,8 +434,8 @@ def test_two_rank_sft_matches_one_process_and_saves_a_loadable_checkpoint(fixtur
     from mlxchat import sft
     real_loader = sft.sft_data_generator_bos_bestfit
 
-    def interleaved(dataset, tokenizer, B, T, buffer_size=100, rank=0, world_size=1):
-        assert (rank, world_size) == (0, 1)
+    def interleaved(dataset, tokenizer, B, T, buffer_size=100, rank=0, world_size=1, resume_state=None):
+        assert (rank, world_size, resume_state) == (0, 1, None)
         loaders = [real_loader(dataset, tokenizer, B, T, buffer_size, rank=r, world_size=2) for r in range(2)]
         consumed = [0, 0]
         while True:

@@ -19,6 +19,7 @@ from mlxchat.training import read_metrics
 from tui.app import ConfirmScreen, HelpScreen, MlxchatApp
 from tui.panes.configure import ConfigurePane
 from tui.training_worker import TrainingEvents
+from conftest import install_base
 
 # a tiny model on the demo corpus, with the parity fixture's tokenizer in the base dir
 TINY = dict(depth="2", aspect_ratio="32", head_dim="32", max_seq_len="64", window_pattern="L", device_batch_size="2",
@@ -231,6 +232,29 @@ async def test_train_pause_save_stop_resume_and_quit_from_keys(make_app, runs_di
     finished = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["event"] == "finished"]
     assert finished[-1]["status"] == "stopped" and finished[-1]["step"] in find_steps(run_dir)
     assert finished[-1]["step"] > stopped_at
+
+
+async def test_a_stopped_sft_run_resumes_from_the_runs_pane(make_app, runs_dir, fixture_dir):
+    from mlxchat.common import get_base_dir
+    from mlxchat.sft import SFTConfig, SFTRun
+    install_base(fixture_dir, get_base_dir())
+    run_dir = os.path.join(runs_dir, "chat-sft")
+    run = SFTRun(SFTConfig(mixture="demo", max_seq_len=64, device_batch_size=2, total_batch_size=128, num_iterations=100000,
+                           eval_every=-1, eval_tokens=128, checkpoint_dir=run_dir))
+    for event in run:  # a run trained by a script, stopped after a few steps
+        if event.kind == "step" and event.step == 2:
+            run.control.stop()
+    stopped_at = run.result["step"]
+    app = make_app()
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("4")
+        runs = app.query_one("RunsPane")
+        await wait_until(pilot, lambda: runs.selected_run() is not None, what="the run listed")
+        assert runs.selected_run().stage == "sft" and runs.selected_run().state == "stopped"
+        await pilot.press("r")
+        await wait_until(pilot, lambda: app.active and app.state.step > stopped_at, what="the SFT run resumed")
+        started = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["event"] == "started"]
+        assert started[-1]["stage"] == "sft" and started[-1]["start_step"] == stopped_at
 
 
 async def test_a_failing_run_is_shown_and_the_app_goes_on(make_app, runs_dir, tmp_path):

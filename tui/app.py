@@ -268,26 +268,25 @@ class MlxchatApp(App):
             self.notify("A run is already active: stop it (x) before resuming another.", severity="warning")
             return
         state = RunState.from_file(run_dir)
-        if state.stage != "base":
-            self.notify(f"{state.name}: only pretraining runs resume exactly today; start a new {state.stage.upper()} run "
-                        "from its checkpoint in Configure.", severity="warning", timeout=8)
+        if state.stage not in STAGES:
+            self.notify(f"{state.name}: a {state.stage!r} run is not one the dashboard trains.", severity="warning", timeout=8)
             return
         from mlxchat.checkpoint_manager import find_steps
         if not find_steps(run_dir):
             self.notify(f"{state.name}: no checkpoint to resume from.", severity="error")
             return
-        cls = STAGES["base"][0]
+        cls = STAGES[state.stage][0]
         from dataclasses import fields
         names = {f.name for f in fields(cls)}
         values = {k: v for k, v in state.config.items() if k in names}
-        values.update(resume_from_step=-2, checkpoint_dir=run_dir)  # a run that trained its tokenizer reuses it
+        values.update(resume_from_step=-2, checkpoint_dir=run_dir)  # (a base run that trained its tokenizer reuses it)
         try:
             config = cls(**values)
             config.validate()
         except Exception as e:  # noqa: BLE001  (shown, nothing started)
             self.notify(f"{state.name}: cannot resume: {e}", severity="error", timeout=10)
             return
-        self._launch("base", config, None, f"Resuming {state.name}")
+        self._launch(state.stage, config, None, f"Resuming {state.name}")
 
     def _launch(self, stage, config, import_from, message):
         from mlxchat.pretrain import BaseTrainRun
