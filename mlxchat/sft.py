@@ -472,11 +472,12 @@ class SFTRun(Run):
             barrier("loading the SFT mixture", timeout=10 * cfg.dist_timeout)
             check_same_on_all_ranks(tokenizer_fingerprint(tokenizer) + [len(train_set), len(val_set)],
                                     "the tokenizer or the SFT mixture")
-        try:
-            train_loader = sft_data_generator_bos_bestfit(train_set, tokenizer, B, T, rank=rank, world_size=world_size,
-                                                          resume_state=resume_state)
-        except ValueError as e:
-            raise TrainingError(f"cannot resume {checkpoint_dir}: {e}") from None
+        if resume_state is not None and resume_state["dataset_size"] != len(train_set):
+            raise TrainingError(f"cannot resume {checkpoint_dir}: its data position is in a mixture of "
+                                f"{resume_state['dataset_size']:,} conversations, this one has {len(train_set):,}: "
+                                f"an exact resume needs the same --mixture (and task data)")
+        train_loader = sft_data_generator_bos_bestfit(train_set, tokenizer, B, T, rank=rank, world_size=world_size,
+                                                      resume_state=resume_state)
         data_state = dict(resume_state) if resume_state else {"consumed": 0, "epoch": 1, "skipped": 0}
 
         def next_batch():

@@ -429,6 +429,9 @@ def test_a_stopped_sft_run_resumes_exactly(fixture_dir, tmp_path):
     stopped, _ = train(tmp_path / "stopped", stop_after=3)  # taken at a step boundary: after step 3 or 4
     at = stopped.result["step"]
     assert stopped.result["status"] == "stopped" and at in (3, 4)
+    from mlxchat.training import TrainingError
+    with pytest.raises(TrainingError, match="needs the same --mixture"):  # 3 rounds of the calculator set, not 4
+        train(tmp_path / "stopped", resume_from_step=-2, gsm8k_epochs=3)
     resumed, resumed_losses = train(tmp_path / "stopped", resume_from_step=-2)
     assert resumed.result["status"] == "finished" and resumed.result["step"] == 6
     assert sorted(resumed_losses) == list(range(at + 1, 7))
