@@ -507,7 +507,6 @@ class SFTRun(Run):
         if chatcore_every > 0:
             chatcore = make_chatcore(model, tokenizer, B, cfg.chatcore_max_cat, cfg.chatcore_max_sample)
 
-
         def save(at_step):
             model_config = dict(model.config.to_dict(), sequence_len=T)  # as nanochat: the SFT context length
             # each rank's packing position goes into its own optimizer file (a resume continues from it)

@@ -81,10 +81,10 @@ def base(fixture_dir):
     return os.path.join(fixture_dir, "base_data")
 
 
-def install_base(fixture_dir, base, tag="fx", meta_extra=None):
-    """The parity fixture's model as base checkpoint <base>/base_checkpoints/<tag> (step 62, its meta with
-    meta_extra), and its tokenizer in <base>/tokenizer unless one is there. Returns the checkpoint folder."""
-    ckpt = os.path.join(base, "base_checkpoints", tag)
+def install_base(fixture_dir, base, tag="fx", meta_extra=None, source="base_checkpoints"):
+    """The parity fixture's model as checkpoint <base>/<source>/<tag> (step 62, its meta with meta_extra),
+    and its tokenizer in <base>/tokenizer unless one is there. Returns the checkpoint folder."""
+    ckpt = os.path.join(base, source, tag)
     os.makedirs(ckpt)
     shutil.copy(os.path.join(fixture_dir, "checkpoint", "model_000062.pt"), ckpt)
     with open(os.path.join(fixture_dir, "checkpoint", "meta_000062.json")) as f:

@@ -5,7 +5,6 @@ save a checkpoint that loads back to the same model.
 """
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from mlxchat.engine import Engine
 from mlxchat.tokenizer import RustBPETokenizer
 from mlxchat.rl import ToyLetter, evaluate_passk, rollout
 from scripts import chat_rl
+from conftest import install_base
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,7 @@ def test_rollout_trains_on_sampled_tokens_only(tokenizer):
 
 
 def install_sft(fixture_dir, base, tag="fx"):
-    ckpt = os.path.join(base, "chatsft_checkpoints", tag)
-    os.makedirs(ckpt)
-    shutil.copy(os.path.join(fixture_dir, "checkpoint", "model_000062.pt"), ckpt)
-    shutil.copy(os.path.join(fixture_dir, "checkpoint", "meta_000062.json"), ckpt)
-    shutil.copytree(os.path.join(fixture_dir, "tokenizer"), os.path.join(base, "tokenizer"))
+    install_base(fixture_dir, base, tag, source="chatsft_checkpoints")
 
 
 def test_rl_raises_the_reward_of_a_toy_task(fixture_dir):
